@@ -1,0 +1,53 @@
+"""Command line: ``headcircuits prepare-models | build-book | check-offline``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="headcircuits", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare-models", help="dequantise and cache the offline models")
+    prep.add_argument("names", nargs="*", help="offline model names (default: all)")
+    prep.add_argument("--force", action="store_true", help="rebuild even if the cache is intact")
+    bk = sub.add_parser("build-book", help="execute every notebook with papermill and render the book")
+    bk.add_argument("--root", type=Path, default=Path.cwd(), help="repository root (default: .)")
+    bk.add_argument("--out", type=Path, default=Path("_build"), help="output directory (default: _build)")
+    bk.add_argument("-p", "--parameter", action="append", default=[], metavar="KEY=VALUE",
+                    help="notebook parameter override, e.g. -p model=gemma-3-270m -p n_prompts=50")
+    chk = sub.add_parser("check-offline", help="list everything in a built site that would load from the network")
+    chk.add_argument("html_dir", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.command == "prepare-models":
+        from headcircuits.models import prepare_offline_models
+
+        start = time.perf_counter()
+        for name, path in prepare_offline_models(args.names or None, force=args.force).items():
+            print(f"{name}: {path}")
+        print(f"offline models ready in {time.perf_counter() - start:.1f} s")
+        return 0
+    if args.command == "build-book":
+        from headcircuits import book
+
+        html = book.build(args.root.resolve(), args.out.resolve(), book.parse_parameters(args.parameter))
+        problems = book.scan_offline(html)
+        if problems:
+            print("pages would load from the network:\n  " + "\n  ".join(problems), file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "check-offline":
+        from headcircuits import book
+
+        problems = book.scan_offline(args.html_dir)
+        print("\n".join(problems) if problems else "offline: no page loads anything from the network")
+        return 1 if problems else 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

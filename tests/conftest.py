@@ -1,0 +1,45 @@
+"""Shared fixtures. Tiny random models (seconds) for most tests; the embedded SmolLM2 for tests marked slow."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from headcircuits.models import load_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FAMILIES = ["tiny-gpt2", "tiny-llama", "tiny-gemma3", "tiny-gpt-neox"]
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny(request):
+    """One tiny random model per architecture family (read-only: tests must not edit its weights)."""
+    return load_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default model (prepared on first use, ~30 s; then ~2 s)."""
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    path = SHARED / "gpt2-small-attention" / "tokenizer"
+    if not path.is_dir():
+        pytest.skip(f"../shared is absent ({path} not found): GPT-2 tokenizer checks need it")
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+@pytest.fixture(scope="session", params=["tiny-llama", pytest.param("smollm2-135m", marks=pytest.mark.slow)])
+def smollm2_or_tiny(request):
+    """A check that must hold both on a tiny model and on the real tokenizer of the embedded model."""
+    return load_model(request.param)

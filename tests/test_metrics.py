@@ -1,0 +1,52 @@
+"""Metrics read at each prompt's own END."""
+
+from __future__ import annotations
+
+import torch
+
+from headcircuits import metrics
+from headcircuits.tasks import ioi
+
+
+def test_logit_difference_matches_a_direct_computation(tiny):
+    data = ioi.generate(tiny, 12, seed=0)
+    table = metrics.per_prompt(tiny, data, batch_size=5)  # batches of 5: padding differs between batches
+    for row in range(len(data)):
+        ids = data.clean.ids[row, : int(data.clean.lengths[row])]
+        logits = tiny.logits(ids[None])[0, -1]
+        expected = logits[data.answer[row]] - logits[data.distractor[row]]
+        assert abs(table.logit_diff[row] - float(expected)) < 1e-4
+
+
+def test_logit_difference_is_invariant_to_a_constant_shift():
+    logits = torch.randn(4, 10)
+    answer, distractor = torch.tensor([1, 2, 3, 4]), torch.tensor([0, 0, 5, 9])
+    torch.testing.assert_close(
+        metrics.logit_difference(logits, answer, distractor), metrics.logit_difference(logits + 7.0, answer, distractor)
+    )
+
+
+def test_attention_between_is_a_probability_and_matches_the_cache(tiny):
+    data = ioi.generate(tiny, 6, seed=0)
+    scores = metrics.attention_between(tiny, data, "END", "IO", batch_size=4)
+    assert scores.shape == (tiny.facts.n_layers, tiny.facts.n_heads)
+    assert (scores >= 0).all() and (scores <= 1).all()
+    ids = data.clean.ids[0:1, : int(data.clean.lengths[0])]
+    _, cache = tiny.bridge.run_with_cache(ids)
+    end, io = int(data.positions["END"][0]), int(data.positions["IO"][0])
+    one = cache["blocks.1.attn.hook_pattern"][0, :, end, io]
+    # the mean over 6 prompts includes this prompt's value with weight 1/6
+    assert scores.shape[1] == one.shape[0]
+    single = metrics.attention_between(tiny, type(data)(**{**data.__dict__, **_first(data)}), "END", "IO")
+    torch.testing.assert_close(single[1], one, rtol=1e-5, atol=1e-6)
+
+
+def _first(data):
+    from headcircuits.models.core import Tokens
+
+    first = lambda t: Tokens(ids=t.ids[:1], lengths=t.lengths[:1])  # noqa: E731
+    return dict(
+        clean_text=data.clean_text[:1], corrupt_text=data.corrupt_text[:1], clean=first(data.clean),
+        corrupt=first(data.corrupt), answer=data.answer[:1], distractor=data.distractor[:1],
+        positions={k: v[:1] for k, v in data.positions.items()}, meta=data.meta.iloc[:1],
+    )
