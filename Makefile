@@ -27,8 +27,8 @@ models: $(STAMP)
 book:
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory models && \
-	$(OFFLINE) $(VENV)/bin/headcircuits build-book --out _build && \
-	echo "make book: done in $$(( $$(date +%s) - start )) s; open _build/_build/html/index.html"
+	$(OFFLINE) $(VENV)/bin/headcircuits build-book && \
+	echo "make book: done in $$(( $$(date +%s) - start )) s; open _build/html/index.html"
 
 # Unit tests on tiny models, slow tests on the embedded model, every notebook executed, offline-HTML scan.
 test: $(STAMP)

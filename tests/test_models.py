@@ -188,3 +188,19 @@ def test_embedded_model_loads_and_solves_ioi_offline_without_touching_the_networ
     assert (f.family, f.n_layers, f.n_heads, f.n_kv_heads, f.d_head, f.prepend_bos) == ("llama", 30, 9, 3, 64, False)
     logits = model.final_logits(model.to_tokens(PROMPTS[:1]))
     assert model.tokenizer.decode(logits.argmax(-1)) == " Mary"
+
+
+@pytest.mark.slow
+def test_gemma_loads_offline_with_bos_and_its_norms(monkeypatch):
+    """The second offline model: needs <bos>; its facts flag the q/k and post-attention norms."""
+    from headcircuits.models import prepare_offline_models
+
+    prepare_offline_models(["gemma-3-270m"])  # ~70 s and 1.1 GB on a fresh machine, then cached
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("network access attempted"))
+    model = load_model("gemma-3-270m")
+    f = model.facts
+    assert (f.family, f.n_layers, f.n_heads, f.n_kv_heads, f.d_head) == ("gemma3", 18, 4, 1, 256)
+    assert f.prepend_bos and f.qk_norm and f.post_attn_norm and f.quantisation == "Q4_K_M"
+    tokens = model.to_tokens(PROMPTS[:1])
+    assert int(tokens.ids[0, 0]) == model.bos_id
+    assert model.tokenizer.decode(model.final_logits(tokens).argmax(-1)) == " Mary"

@@ -1,8 +1,8 @@
 """Build the book: execute every notebook once with papermill, then render them with Jupyter Book 1 (execution
 off, strict: ``-W -n --keep-going``, so a warning fails the build), offline.
 
-The sources are staged into ``<out>/source`` (``_config.yml``, ``book/`` pages, executed notebooks, vendored
-JavaScript) so Sphinx never walks the repository (or its ``.venv``). The rendered site is ``<out>/html``.
+The sources are staged into ``<out>/_build/source`` (``_config.yml``, ``book/`` pages, executed notebooks, vendored
+JavaScript) so Sphinx never walks the repository (or its ``.venv``). The rendered site is ``<out>/_build/html``.
 
 Offline pages: MathJax 3 (from the ``django-static-mathjax`` wheel) and circuitsvis' bundle (from its wheel)
 are copied once into ``_static/vendor`` (staged as ``_vendor/vendor``, listed in ``html_static_path``, so Jupyter
@@ -139,12 +139,14 @@ def render(stage: Path, html_parent: Path) -> None:
 
 
 def build(root: Path, out: Path, parameters: dict | None = None, *, log=print) -> Path:
-    """Execute every notebook of the table of contents and render the book; returns the HTML directory."""
+    """Execute every notebook of the table of contents and render the book; returns the HTML directory,
+    ``out/_build/html`` (executed notebooks in ``out/_build/executed``, staged sources in ``out/_build/source``)."""
     start = time.perf_counter()
-    executed = execute_notebooks(notebooks_in_toc(root), out / "executed", parameters, log=log)
-    stage_sources(root, executed, out / "source")
-    render(out / "source", out)
-    html = out / "_build" / "html"
+    work = out / "_build"
+    executed = execute_notebooks(notebooks_in_toc(root), work / "executed", parameters, log=log)
+    stage_sources(root, executed, work / "source")
+    render(work / "source", out)
+    html = work / "html"
     log(f"book built in {time.perf_counter() - start:.1f} s: {html / 'index.html'}")
     return html
 

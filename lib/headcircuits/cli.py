@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--force", action="store_true", help="rebuild even if the cache is intact")
     bk = sub.add_parser("build-book", help="execute every notebook with papermill and render the book")
     bk.add_argument("--root", type=Path, default=Path.cwd(), help="repository root (default: .)")
-    bk.add_argument("--out", type=Path, default=Path("_build"), help="output directory (default: _build)")
+    bk.add_argument("--out", type=Path, default=Path("."),
+                    help="directory that receives _build/ (default: .; the site is then _build/html)")
     bk.add_argument("-p", "--parameter", action="append", default=[], metavar="KEY=VALUE",
                     help="notebook parameter override, e.g. -p model=gemma-3-270m -p n_prompts=50")
     chk = sub.add_parser("check-offline", help="list everything in a built site that would load from the network")

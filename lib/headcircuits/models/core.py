@@ -98,7 +98,16 @@ class Model:
     """A hooked model and its facts. ``bridge`` is a TransformerLens 4.x ``TransformerBridge``.
 
     The bridge runs the HF model's own numerics (no LayerNorm folding, no logit centring): compare models through
-    logit differences or log-probs, which are unaffected by the choice.
+    logit differences or log-probs, which are unaffected by the choice. (TransformerLens' compatibility mode
+    would fold norms and recentre logits; the library does not switch it on.)
+
+    TransformerLens 4.x pitfalls, measured:
+
+    * hook aliases: ``blocks.L.attn.hook_z`` is an alias. Inside a hook, ``hook.name`` is the canonical name
+      (``blocks.L.attn.o.hook_in``), while ``run_with_cache(names_filter=...)`` keys the cache by the alias.
+      Match hooks by the names you registered, not by ``hook.name``.
+    * grouped K/V heads: ``bridge.W_K`` / ``W_V`` and ``hook_k`` / ``hook_v`` have ``n_kv_heads`` heads; ``W_Q``,
+      ``hook_z``, ``hook_pattern`` and the expanded ``QK`` / ``OV`` circuits have ``n_heads``.
     """
 
     bridge: object
