@@ -50,3 +50,30 @@ def _first(data):
         corrupt=first(data.corrupt), answer=data.answer[:1], distractor=data.distractor[:1],
         positions={k: v[:1] for k, v in data.positions.items()}, meta=data.meta.iloc[:1],
     )
+
+
+def test_evaluate_candidate_accuracy_and_margin_match_a_direct_computation(tiny):
+    from headcircuits.tasks import laundry_list as ll
+
+    data = ll.generate(tiny, 3, seed=0, lengths=[2, 4])
+    table = metrics.evaluate(tiny, data, batch_size=4)
+    for i in range(len(data)):
+        ids = data.clean.ids[i, : int(data.clean.lengths[i])]
+        logits = tiny.logits(ids[None])[0, -1]
+        cands = [int(c) for c in data.candidates[i] if c >= 0]
+        best = max(cands, key=lambda c: float(logits[c]))
+        assert bool(table.candidate_correct[i]) == (best == int(data.answer[i]))
+        others = max(float(logits[c]) for c in cands if c != int(data.answer[i]))
+        assert abs(table.margin[i] - (float(logits[data.answer[i]]) - others)) < 1e-4
+        assert bool(table.top1_correct[i]) == (int(logits.argmax()) == int(data.answer[i]))
+
+
+def test_breakdown_counts_every_prompt_once(tiny):
+    from headcircuits.tasks import laundry_list as ll
+
+    table = metrics.evaluate(tiny, ll.generate(tiny, 4, seed=0, lengths=[2, 3, 5]))
+    parts = metrics.breakdown(table, ["list_length", "target_position"])
+    assert parts.n.sum() == len(table)
+    overall = metrics.summarise(table)
+    weighted = (parts.candidate_accuracy * parts.n).sum() / parts.n.sum()
+    assert abs(weighted - overall["candidate_accuracy"]) < 1e-9

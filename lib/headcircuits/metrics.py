@@ -2,8 +2,9 @@
 
 * logit difference: logit(answer) - logit(distractor) at END (Wang et al.'s IOI metric; invariant to adding a
   constant to all logits, so it is the same with or without TransformerLens' logit centring);
-* accuracy: how often the answer is the top-1 token over the whole vocabulary, and how often it beats the
-  distractor (Wang et al. report IO > S 99.3 % of the time for GPT-2 small).
+* accuracy: how often the answer is the top-1 token over the whole vocabulary, how often it is the top one among
+  the candidates the prompt lists, and how often it beats the distractor (Wang et al. report IO > S 99.3 % of
+  the time for GPT-2 small).
 """
 
 from __future__ import annotations
@@ -44,30 +45,75 @@ def end_logits(model: Model, data: TaskData, which: str = "clean", batch_size: i
     return torch.cat(out)
 
 
-def per_prompt(model: Model, data: TaskData, batch_size: int = 32) -> pd.DataFrame:
-    """One row per clean prompt: logit difference, whether the answer is top-1, beats the distractor, and the
-    model's top-1 token, joined with the prompt's metadata."""
+def candidate_logits(end_logits: Float[Tensor, "batch vocab"], candidates: Int[Tensor, "batch cand"]) -> Float[Tensor, "batch cand"]:
+    """Logits of each prompt's listed candidates; padding (-1) gets -inf."""
+    picked = end_logits.gather(1, candidates.clamp(min=0))
+    return picked.masked_fill(candidates < 0, float("-inf"))
+
+
+def evaluate(model: Model, data: TaskData, batch_size: int = 32) -> pd.DataFrame:
+    """One row per clean prompt, joined with its metadata:
+
+    * ``logit_diff``: logit(answer) - logit(distractor) at END (the dataset's distractor: IOI's S, the
+      counterfactual's answer for Colored Objects and Laundry List);
+    * ``margin``: logit(answer) minus the best other listed candidate (> 0 iff correct among the candidates);
+    * ``top1_correct``: the answer is the top token over the whole vocabulary;
+    * ``candidate_correct``: the answer is the top token among the listed candidates;
+    * ``beats_distractor``: ``logit_diff > 0``; ``prediction``: the model's top token; ``candidate_choice``: the
+      index of the candidate it prefers (for "which wrong item does it pick?").
+    """
     logits = end_logits(model, data, batch_size=batch_size)
     ld = logit_difference(logits, data.answer, data.distractor)
     top = logits.argmax(-1)
+    cands = data.candidates if data.candidates is not None else torch.stack([data.answer, data.distractor], 1)
+    cand_logits = candidate_logits(logits, cands)
+    is_answer = cands == data.answer[:, None]
+    best_other = cand_logits.masked_fill(is_answer, float("-inf")).max(-1).values
+    answer_logit = logits[torch.arange(len(data)), data.answer]
+    choice = cand_logits.argmax(-1)
     return data.meta.assign(
         prompt=data.clean_text,
         logit_diff=ld.numpy(),
+        margin=(answer_logit - best_other).numpy(),
         top1_correct=(top == data.answer).numpy(),
+        candidate_correct=is_answer[torch.arange(len(data)), choice].numpy(),
         beats_distractor=(ld > 0).numpy(),
         prediction=model.to_str_tokens(top),
+        candidate_choice=choice.numpy(),
     )
 
 
+def per_prompt(model: Model, data: TaskData, batch_size: int = 32) -> pd.DataFrame:
+    """Alias of :func:`evaluate` (the first chapter's name)."""
+    return evaluate(model, data, batch_size=batch_size)
+
+
 def summarise(table: pd.DataFrame) -> dict[str, float]:
-    """Mean and spread of the logit difference, top-1 accuracy and answer-beats-distractor rate."""
-    return {
-        "n": int(len(table)),
-        "logit_diff_mean": float(table.logit_diff.mean()),
-        "logit_diff_std": float(table.logit_diff.std(ddof=1)) if len(table) > 1 else 0.0,
-        "top1_accuracy": float(table.top1_correct.mean()),
-        "beats_distractor": float(table.beats_distractor.mean()),
-    }
+    """Mean and spread of the logit difference, and the accuracies, over a whole :func:`evaluate` table."""
+    return breakdown(table, by=[]).iloc[0].to_dict()
+
+
+def breakdown(table: pd.DataFrame, by: str | list[str]) -> pd.DataFrame:
+    """Accuracy and logit difference per group (template, order, list length, target position, ...), with the
+    standard error of each accuracy (binomial) so error bars can be drawn."""
+    by = [by] if isinstance(by, str) else list(by)
+    groups = table.groupby(by, sort=True) if by else [((), table)]
+    rows = []
+    for key, g in groups:
+        n = len(g)
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        for col in ("top1_correct", "candidate_correct", "beats_distractor"):
+            p = float(g[col].mean())
+            row[col.replace("_correct", "_accuracy")] = p
+            row[col.replace("_correct", "_accuracy") + "_sem"] = (p * (1 - p) / n) ** 0.5 if n > 1 else 0.0
+        row.update(
+            n=n,
+            logit_diff_mean=float(g.logit_diff.mean()),
+            logit_diff_std=float(g.logit_diff.std(ddof=1)) if n > 1 else 0.0,
+            margin_mean=float(g.margin.mean()),
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 @torch.no_grad()

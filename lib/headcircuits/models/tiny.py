@@ -25,25 +25,23 @@ from transformers import (
 
 # Words of the three tasks' prompts (names, places, objects, colours, items, template words). Words outside
 # this list still tokenise, character by character.
-TINY_WORDS: tuple[str, ...] = tuple(
+TINY_WORDS: tuple[str, ...] = tuple(dict.fromkeys(
     """
-    the a an and to of at in on is was were went gave give given decided wanted said had has have got get found
-    then when while after afterwards friends it its lot fun long argument thinking about going working
-    commuting lunch there you see I what color colour Q A which one who not yet mentioned list bought buy
-    packed pack shopping remember forgot forget item items also first next last store school hospital office
-    station restaurant house garden park market beach table desk floor drink ring kiss bone basketball
-    computer necklace apple orange banana book pen pencil cup box bag ball hat key phone bottle plate
-    mug keychain sunglasses notebook stress scrunchie paperclip envelope crayon fidget spinner puzzle
-    dog cat teddy bear booklet jug sheet paper pair earring
-    red orange yellow green blue purple pink brown black white grey gray silver gold magenta teal fuchsia
-    burgundy turquoise mauve
-    Red Orange Yellow Green Blue Purple Pink Brown Black White Grey Gray Silver Gold Magenta Teal Fuchsia
-    Burgundy Turquoise Mauve
+    the a an and to of at in on is was were went gave give decided wanted said had got found then when while
+    after afterwards friends it lot fun long argument thinking about going working commuting lunch there you see
+    I What what color Q A On Shopping list have already packed still need pack
+    store garden restaurant school hospital office house station ring kiss bone basketball computer necklace
+    drink snack
+    ball bottle bowl bracelet cup envelope jug leash lighter mug notebook pen pencil plate puzzle textbook
+    table desk floor
+    black blue brown green orange purple red yellow Black Blue Brown Green Orange Purple Red Yellow
     Mary John Tom James Dan Sid Martin Amy Anna Kate Paul Mark Mike Lisa Emma Sarah Adam Alex Ben Chris David
-    Eric Frank George Henry Jack Jane Joe Laura Leo Lucy Max Nick Rose Ryan Sam Tim Will Zoe
+    Eric Frank George Henry Jack Jane Joe Laura Leo Lucy Max Nick Rose Ryan Sam Tim Will
     milk eggs bread butter cheese rice salt sugar tea coffee soap flour honey jam juice pasta soup beans corn
+    apples bananas oranges lemons onions carrots potatoes tomatoes garlic pepper oil vinegar cereal yogurt
+    chicken fish beef nuts chocolate cookies water
     """.split()
-)
+))
 
 _SPECIAL = ("<unk>", "<bos>", "<eos>", "<pad>")
 

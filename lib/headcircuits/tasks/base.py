@@ -31,7 +31,10 @@ class TaskData:
         answer: the correct next token of each clean prompt (IOI: the indirect object).
         distractor: the competing token (IOI: the subject) for logit differences.
         positions: named per-example positions in the clean prompts (``END`` always present).
-        meta: one row per prompt (template id, order, seed, ...).
+        meta: one row per prompt (template id, order, list length, target position, seed, ...).
+        candidates: the answer options listed in each prompt (IOI: IO and S; Colored Objects: the three colours
+            of the queried list; Laundry List: the N items), padded with -1; for "accuracy among the candidates".
+        corrupt_answer: the correct answer of each counterfactual prompt, when it has one.
     """
 
     task: str
@@ -43,6 +46,37 @@ class TaskData:
     distractor: Int[Tensor, " batch"]
     positions: dict[str, Int[Tensor, " batch"]]
     meta: pd.DataFrame = field(default_factory=pd.DataFrame)
+    candidates: Int[Tensor, "batch cand"] | None = None
+    corrupt_answer: Int[Tensor, " batch"] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.clean_text)
+        sizes = {"corrupt_text": len(self.corrupt_text), "clean": self.clean.ids.shape[0],
+                 "corrupt": self.corrupt.ids.shape[0], "answer": len(self.answer), "distractor": len(self.distractor),
+                 **{f"positions[{k}]": len(v) for k, v in self.positions.items()}}
+        wrong = {k: v for k, v in sizes.items() if v != n}
+        if wrong:
+            raise ValueError(f"TaskData of {n} prompts has fields of other lengths: {wrong}")
+        if "END" not in self.positions:
+            raise ValueError("TaskData.positions must contain END")
+
+    def subset(self, index: Sequence[int] | Tensor) -> "TaskData":
+        """The prompts at ``index`` (e.g. one list length, or a held-out split), as a new TaskData."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        pick = lambda t: Tokens(ids=t.ids[idx], lengths=t.lengths[idx])  # noqa: E731
+        return TaskData(
+            task=self.task,
+            clean_text=[self.clean_text[i] for i in idx.tolist()],
+            corrupt_text=[self.corrupt_text[i] for i in idx.tolist()],
+            clean=pick(self.clean),
+            corrupt=pick(self.corrupt),
+            answer=self.answer[idx],
+            distractor=self.distractor[idx],
+            positions={k: v[idx] for k, v in self.positions.items()},
+            meta=self.meta.iloc[idx.numpy()].reset_index(drop=True),
+            candidates=None if self.candidates is None else self.candidates[idx],
+            corrupt_answer=None if self.corrupt_answer is None else self.corrupt_answer[idx],
+        )
 
     def __len__(self) -> int:
         return len(self.clean_text)
@@ -84,3 +118,12 @@ def locate(tokens: Tokens, row: int, token_id: int, occurrence: int = 0) -> int:
 
 def as_index(values: Sequence[int]) -> Int[Tensor, " batch"]:
     return torch.tensor(list(values), dtype=torch.long)
+
+
+def pad_candidates(rows: Sequence[Sequence[int]]) -> Int[Tensor, "batch cand"]:
+    """Candidate ids per prompt in one tensor, padded with -1 where prompts list fewer candidates."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+    return out

@@ -19,6 +19,7 @@ import random
 from typing import Literal
 
 import pandas as pd
+import torch
 
 from headcircuits.errors import VocabularyError
 from headcircuits.models.core import Model
@@ -47,8 +48,9 @@ NAMES: tuple[str, ...] = (
     "Emma", "Sarah", "Adam", "Alex", "Ben", "Chris", "David", "Eric", "Frank", "George", "Henry", "Jack", "Jane",
     "Joe", "Laura", "Leo", "Lucy", "Max", "Nick", "Rose", "Ryan", "Sam", "Tim", "Will",
 )
-PLACES: tuple[str, ...] = ("store", "school", "hospital", "office", "station", "restaurant", "house", "garden", "park", "market", "beach")
-OBJECTS: tuple[str, ...] = ("drink", "ring", "kiss", "bone", "basketball", "computer", "necklace", "apple", "book", "pen", "cup", "bag", "ball", "hat", "key")
+# Wang et al.'s places and objects (their ioi_dataset.py)
+PLACES: tuple[str, ...] = ("store", "garden", "restaurant", "school", "hospital", "office", "house", "station")
+OBJECTS: tuple[str, ...] = ("ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack")
 
 Counterfactual = Literal["abc", "s2io"]
 
@@ -79,8 +81,9 @@ def generate(
 ) -> TaskData:
     """``n`` IOI prompts for ``model``; deterministic in ``seed`` (a local RNG, never the global one).
 
-    Names, places and objects that are not single tokens (with their leading space) for the model are left out;
-    a clear error says so when too few names remain.
+    Names that are not single tokens (with their leading space) for the model are left out (answers and named
+    positions are single tokens); a clear error says so when too few names remain. Places and objects are used
+    as they tokenise.
     """
     rng = random.Random(seed)
     usable = [w[1:] for w in filter_single_tokens(model, [" " + w for w in names])]
@@ -90,8 +93,7 @@ def generate(
             f"only {len(usable)} of the {len(names)} IOI names are single tokens for {model.name}; IOI with the "
             f"{counterfactual!r} counterfactual needs at least {needed} (IO, S and fresh names): pass other `names`"
         )
-    places = [w[1:] for w in filter_single_tokens(model, [" " + w for w in PLACES])] or list(PLACES)
-    objects = [w[1:] for w in filter_single_tokens(model, [" " + w for w in OBJECTS])] or list(OBJECTS)
+    places, objects = list(PLACES), list(OBJECTS)  # not answers nor named positions: any tokenisation is fine
     clean, corrupt, rows = [], [], []
     for i in range(n):
         t_id = rng.randrange(len(templates))
@@ -126,6 +128,9 @@ def generate(
         corrupt=corrupt_tokens,
         answer=as_index(answer),
         distractor=as_index(distractor),
+        candidates=torch.stack([as_index(answer), as_index(distractor)], dim=1),
+        # s2io repeats IO, so the counterfactual's indirect object is S; ABC has no repeated name, no answer
+        corrupt_answer=as_index(distractor) if counterfactual == "s2io" else None,
         positions={k: as_index(v) for k, v in positions.items()},
         meta=pd.DataFrame(rows).assign(counterfactual=counterfactual),
     )

@@ -1,0 +1,73 @@
+"""Laundry List: bookkeeping of items, positions and counterfactuals for every list length."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headcircuits import VocabularyError
+from headcircuits.tasks import laundry_list as ll
+
+LENGTHS = list(range(2, 11))
+
+
+def _count(ids: torch.Tensor, token: int) -> int:
+    return int((ids == token).sum())
+
+
+@pytest.mark.parametrize("order", ["shuffled", "in_order"])
+def test_bookkeeping_holds_for_every_length(smollm2_or_tiny, order):
+    model = smollm2_or_tiny
+    data = ll.generate(model, 6, seed=0, lengths=LENGTHS, order=order)
+    assert len(data) == 6 * len(LENGTHS)
+    for i, row in enumerate(data.meta.itertuples()):
+        n = row.list_length
+        ids = data.clean.ids[i, : int(data.clean.lengths[i])]
+        cf_ids = data.corrupt.ids[i, : int(data.corrupt.lengths[i])]
+        items = [model.single_token_id(" " + w) for w in row.items.split()]
+        assert len(items) == n == int((data.candidates[i] >= 0).sum())
+        for k in range(n):
+            assert int(ids[data.positions[f"ITEM_{k}"][i]]) == items[k]
+        for k in range(n, max(LENGTHS)):
+            assert int(data.positions[f"ITEM_{k}"][i]) == -1
+        # the answer is listed once and never mentioned again; every other item is listed and mentioned once
+        assert int(data.answer[i]) == items[row.target_position]
+        assert int(ids[data.positions["ANSWER_ITEM"][i]]) == items[row.target_position]
+        assert [_count(ids, t) for t in items] == [1 if k == row.target_position else 2 for k in range(n)]
+        # counterfactual: the same list with another item left out
+        assert row.counterfactual_position != row.target_position
+        assert int(data.corrupt_answer[i]) == items[row.counterfactual_position]
+        assert [_count(cf_ids, t) for t in items] == [1 if k == row.counterfactual_position else 2 for k in range(n)]
+        assert data.corrupt_text[i].split(".")[0] == data.clean_text[i].split(".")[0]
+        if order == "in_order":
+            mentioned = data.clean_text[i].split(". ")[1]
+            positions = [mentioned.index(" " + w) for k, w in enumerate(row.items.split()) if k != row.target_position]
+            assert positions == sorted(positions)
+    assert torch.equal(data.positions["END"], data.clean.lengths - 1)
+
+
+def test_target_positions_are_balanced_within_each_length(tiny):
+    data = ll.generate(tiny, 12, seed=1, lengths=[2, 3, 4, 6])
+    for n, group in data.meta.groupby("list_length"):
+        counts = group.target_position.value_counts()
+        assert set(counts.index) == set(range(n)) and counts.max() - counts.min() <= 1
+
+
+def test_same_seed_same_prompts(tiny):
+    a, b, c = (ll.generate(tiny, 5, seed=s, lengths=[3, 7]) for s in (0, 0, 1))
+    assert a.clean_text == b.clean_text and a.corrupt_text == b.corrupt_text and a.clean_text != c.clean_text
+
+
+def test_vocabulary_too_small_for_the_list_is_a_clear_error(tiny):
+    with pytest.raises(VocabularyError, match="list of 5 distinct items"):
+        ll.generate(tiny, 2, lengths=5, items=("milk", "eggs", "bread", "xylophone", "zeppelin"))
+    with pytest.raises(ValueError, match="at least 2"):
+        ll.generate(tiny, 2, lengths=1)
+
+
+def test_subset_keeps_prompts_aligned(tiny):
+    data = ll.generate(tiny, 4, seed=0, lengths=[2, 5])
+    part = data.subset([5, 1])
+    assert part.clean_text == [data.clean_text[5], data.clean_text[1]]
+    assert torch.equal(part.answer, data.answer[[5, 1]])
+    assert list(part.meta.list_length) == [data.meta.list_length[5], data.meta.list_length[1]]
