@@ -19,9 +19,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-# Dequantise the embedded default model into ~/.cache/headcircuits (verified; rebuilt if damaged).
+# Dequantise the offline models (SmolLM2, Gemma-3) into ~/.cache/headcircuits (verified; rebuilt if damaged).
 models: $(STAMP)
-	$(OFFLINE) $(VENV)/bin/headcircuits prepare-models smollm2-135m
+	$(OFFLINE) $(VENV)/bin/headcircuits prepare-models
 
 # Main job: install, prepare the model, execute every notebook with papermill, render the book into _build/html.
 book:

@@ -10,7 +10,7 @@ from headcircuits.tasks import ioi
 
 def test_logit_difference_matches_a_direct_computation(tiny):
     data = ioi.generate(tiny, 12, seed=0)
-    table = metrics.per_prompt(tiny, data, batch_size=5)  # batches of 5: padding differs between batches
+    table = metrics.evaluate(tiny, data, batch_size=5)  # batches of 5: padding differs between batches
     for row in range(len(data)):
         ids = data.clean.ids[row, : int(data.clean.lengths[row])]
         logits = tiny.logits(ids[None])[0, -1]
@@ -77,3 +77,8 @@ def test_breakdown_counts_every_prompt_once(tiny):
     overall = metrics.summarise(table)
     weighted = (parts.candidate_accuracy * parts.n).sum() / parts.n.sum()
     assert abs(weighted - overall["candidate_accuracy"]) < 1e-9
+
+
+def test_summary_counts_prompts_as_an_integer(tiny):
+    summary = metrics.summarise(metrics.evaluate(tiny, ioi.generate(tiny, 7, seed=0)))
+    assert summary["n"] == 7 and isinstance(summary["n"], int)

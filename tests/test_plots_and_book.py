@@ -61,7 +61,8 @@ def test_every_notebook_has_a_parameters_cell_and_no_outputs():
         nb = nbformat.read(path, as_version=4)
         tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
-        for name in ("model_name", "seed", "n_prompts"):
+        assert "model_name =" in tagged[0].source or "model_names =" in tagged[0].source, f"{path.name}: no model"
+        for name in ("seed", "n_prompts"):
             assert f"{name} =" in tagged[0].source, f"{path.name}: parameters cell lacks {name}"
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path.name} has outputs"
 
@@ -77,3 +78,5 @@ def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     assert book.scan_offline(html) == []
     page = (html / "book" / "notebooks" / "01_ioi_behaviour.html").read_text()
     assert "circuits-vis-" in page and "on 12 prompts" in page.lower()
+    tasks_page = (html / "book" / "notebooks" / "02_tasks_and_baselines.html").read_text()
+    assert "gemma-3-270m" in tasks_page and "Laundry List" in tasks_page

@@ -83,14 +83,11 @@ def evaluate(model: Model, data: TaskData, batch_size: int = 32) -> pd.DataFrame
     )
 
 
-def per_prompt(model: Model, data: TaskData, batch_size: int = 32) -> pd.DataFrame:
-    """Alias of :func:`evaluate` (the first chapter's name)."""
-    return evaluate(model, data, batch_size=batch_size)
-
-
 def summarise(table: pd.DataFrame) -> dict[str, float]:
     """Mean and spread of the logit difference, and the accuracies, over a whole :func:`evaluate` table."""
-    return breakdown(table, by=[]).iloc[0].to_dict()
+    summary = breakdown(table, by=[]).iloc[0].to_dict()
+    summary["n"] = int(summary["n"])  # a row of a numeric frame comes back as floats
+    return summary
 
 
 def breakdown(table: pd.DataFrame, by: str | list[str]) -> pd.DataFrame:
