@@ -27,9 +27,10 @@ def test_generation_does_not_touch_the_global_rng(tiny):
 
 
 @pytest.mark.parametrize("counterfactual", ["abc", "s2io"])
-def test_positions_point_at_the_right_tokens_for_every_template(tiny, counterfactual):
-    n = 2 * len(ioi.BABA_TEMPLATES)
-    data = ioi.generate(tiny, n, seed=0, counterfactual=counterfactual)
+def test_positions_point_at_the_right_tokens_for_every_template(smollm2_or_tiny, counterfactual):
+    n = 4 * len(ioi.BABA_TEMPLATES)
+    data = ioi.generate(smollm2_or_tiny, n, seed=0, counterfactual=counterfactual)
+    assert set(data.meta.template) == set(range(len(ioi.BABA_TEMPLATES)))
     rows = torch.arange(n)
     ids = data.clean.ids
     assert torch.equal(ids[rows, data.positions["IO"]], data.answer)
