@@ -1,0 +1,249 @@
+"""Weights-only analysis of attention heads (Talking Heads; Elhage et al. 2021).
+
+Every head is two low-rank bilinear maps of the residual stream:
+
+* **OV** = W_V W_O  (d_model x d_model, rank <= d_head): what the head *writes* given what it attends to;
+* **QK** = W_Q W_K^T (d_model x d_model, rank <= d_head): which (query, key) residual vectors attract attention.
+
+They are kept as TransformerLens ``FactoredMatrix`` objects (two thin factors), never as dense d_model x d_model
+matrices per head. Composition scores say how much of what a sender writes lands in the subspace a later
+receiver reads with its queries (Q-composition), keys (K-) or values (V-):
+
+    score(A, B) = ||A B||_F / (||A||_F ||B||_F),   Q: A = OV_sender, B = QK_receiver
+                                                   K: A = OV_sender, B = QK_receiver^T
+                                                   V: A = OV_sender, B = OV_receiver
+
+Processing follows TransformerLens' defaults, so numbers are comparable with its GPT-2 results: the norm's scale
+is folded into the reading weights (W_Q, W_K, W_V); with LayerNorm (GPT-2, Pythia) reading weights are centred
+over d_model (LayerNorm removes the mean) and W_O is centred over its output (the next LayerNorm removes it).
+RMSNorm models (SmolLM2, Gemma) get the scale folded only. What stays approximate, and where:
+
+* rotary models: W_Q W_K^T ignores the position-dependent rotation of q and k;
+* Gemma-3: q/k norms rescale q and k per head, and a post-attention norm rescales the attention output before it
+  reaches the residual stream, so both QK and OV are approximations of what the head computes;
+* the offline models are 4-bit quantised. On GPT-2's own weights (``load_gpt2_small_attention``) all of this is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.FactoredMatrix import FactoredMatrix
+
+from headcircuits.models.core import Model
+
+Kind = Literal["Q", "K", "V"]
+
+
+@dataclass
+class HeadWeights:
+    """Per-head attention weights of a whole model, K/V heads already expanded to one per query head.
+
+    Shapes: ``W_Q``, ``W_K``, ``W_V``: [layer, head, d_model, d_head]; ``W_O``: [layer, head, d_head, d_model].
+    A head reads ``x @ W_Q[l, h]`` (row-vector convention, as TransformerLens).
+    """
+
+    W_Q: Float[Tensor, "layer head d_model d_head"]
+    W_K: Float[Tensor, "layer head d_model d_head"]
+    W_V: Float[Tensor, "layer head d_model d_head"]
+    W_O: Float[Tensor, "layer head d_head d_model"]
+    description: str = ""
+
+    @property
+    def n_layers(self) -> int:
+        return self.W_Q.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.W_Q.shape[1]
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """[layer, head] of d_model x d_model OV circuits, factored as W_V @ W_O."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """[layer, head] of d_model x d_model QK circuits, factored as W_Q @ W_K^T."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-1, -2))
+
+
+def process(
+    W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor, ln_scale: Tensor | None, *, center: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """TransformerLens' default processing: fold the norm scale ``ln_scale`` [layer, d_model] into the reading
+    weights; if ``center`` (LayerNorm models), centre reading weights over d_model and W_O over its output."""
+    if ln_scale is not None:
+        scale = ln_scale[:, None, :, None]
+        W_Q, W_K, W_V = W_Q * scale, W_K * scale, W_V * scale
+    if center:
+        W_Q, W_K, W_V = (w - w.mean(dim=-2, keepdim=True) for w in (W_Q, W_K, W_V))
+        W_O = W_O - W_O.mean(dim=-1, keepdim=True)
+    return W_Q, W_K, W_V, W_O
+
+
+def _norm_scales(model: Model) -> Tensor:
+    """The pre-attention norm's scale of every layer, as the model applies it (Gemma scales by 1 + w)."""
+    hf = model.bridge.original_model
+    family = model.facts.family
+    if family == "gpt2":
+        weights = [block.ln_1.weight for block in hf.transformer.h]
+    elif family == "gpt-neox":
+        weights = [layer.input_layernorm.weight for layer in hf.gpt_neox.layers]
+    else:
+        weights = [layer.input_layernorm.weight for layer in hf.model.layers]
+    scale = torch.stack([w.detach().float() for w in weights])
+    return 1.0 + scale if family == "gemma3" else scale
+
+
+def from_model(model: Model, *, fold_norm: bool = True, center: bool | None = None) -> HeadWeights:
+    """The head weights of a zoo model, processed as TransformerLens would (see the module docstring).
+
+    ``center`` defaults to True for LayerNorm models and False for RMSNorm models (whose norm keeps the mean).
+    """
+    b = model.bridge
+    group = model.facts.kv_group_size
+    with torch.no_grad():
+        W_Q, W_O = b.W_Q.detach().float(), b.W_O.detach().float()
+        W_K, W_V = b.W_K.detach().float(), b.W_V.detach().float()
+    if W_K.shape[1] != W_Q.shape[1]:  # grouped K/V heads: query head h reads K/V head h // group
+        W_K, W_V = W_K.repeat_interleave(group, dim=1), W_V.repeat_interleave(group, dim=1)
+    if center is None:
+        center = model.facts.norm == "layernorm"
+    scale = _norm_scales(model) if fold_norm else None
+    parts = process(W_Q, W_K, W_V, W_O, scale, center=center)
+    notes = f"{model.name}; norm scale {'folded' if fold_norm else 'not folded'}; {'centred' if center else 'not centred'}"
+    return HeadWeights(*parts, description=notes)
+
+
+def load_gpt2_small_attention(path: str | Path, *, fold_norm: bool = True, center: bool = True) -> HeadWeights:
+    """GPT-2 small's real attention weights from the ``gpt2_small_attention.npz`` layout (TransformerLens state
+    dict before processing), processed like TransformerLens' default ``HookedTransformer``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "gpt2_small_attention.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: GPT-2 small's attention weights are needed for this analysis")
+    with np.load(path) as npz:
+        t = {k: torch.from_numpy(npz[k]).float() for k in ("W_Q", "W_K", "W_V", "W_O", "ln1_w")}
+    parts = process(t["W_Q"], t["W_K"], t["W_V"], t["W_O"], t["ln1_w"] if fold_norm else None, center=center)
+    return HeadWeights(*parts, description=f"GPT-2 small (real weights); LN {'folded' if fold_norm else 'raw'}")
+
+
+# --- per-head SVD ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class HeadSVD:
+    """SVD of every head's OV (or QK) circuit: ``M[l, h] = U diag(S) Vh``.
+
+    For OV, the columns of ``U`` are the residual directions the head *reads* (through W_V) and the rows of
+    ``Vh`` are the directions it *writes*; ``S`` says how strongly each read direction is mapped to its write
+    direction. Shapes: U [layer, head, d_model, d_head], S [layer, head, d_head], Vh [layer, head, d_head, d_model].
+    """
+
+    U: Tensor
+    S: Tensor
+    Vh: Tensor
+
+
+def head_svd(circuit: FactoredMatrix) -> HeadSVD:
+    """SVD of a factored [layer, head] circuit (via its small core; never dense)."""
+    U, S, V = circuit.svd()
+    return HeadSVD(U=U, S=S, Vh=V.transpose(-1, -2))
+
+
+# --- composition scores ---------------------------------------------------------------------------------------------
+
+def _gram_root(x: Tensor) -> Tensor:
+    """R with R^T R = x^T x (x: [..., n, k]); ||x M||_F == ||R M||_F for any M, with R only k x k."""
+    return torch.linalg.qr(x, mode="r").R
+
+
+def frobenius(A: Tensor, B: Tensor) -> Tensor:
+    """||A B||_F of a factored matrix (A: [..., n, k], B: [..., k, m]) via a k x k root, never forming A B
+    (TransformerLens' FactoredMatrix.norm goes through an SVD, about 25x slower here)."""
+    return torch.linalg.matrix_norm(_gram_root(A) @ B)
+
+
+def composition_scores(w: HeadWeights, kind: Kind) -> Float[Tensor, "layer_s head_s layer_r head_r"]:
+    """Elhage et al.'s composition score for every (sender, receiver) pair with sender layer < receiver layer
+    (NaN elsewhere), vectorised over pairs without forming any d_model x d_model matrix.
+
+    For a sender with OV = A_s B_s (A = W_V, B = W_O) and a receiver reading through C_r D_r^T
+    (Q: W_Q W_K^T, K: W_K W_Q^T, V: W_V W_O), ||OV_s C_r D_r^T||_F = ||R(A_s) (B_s C_r) R(D_r)^T||_F, where R(.)
+    is the d_head x d_head triangular factor of a QR decomposition. Folding the roots into the factors leaves one
+    matrix product per receiver layer (all senders below it x all its heads) and a blockwise Frobenius norm.
+    """
+    L, H, _, dh = w.W_Q.shape
+    if kind == "Q":
+        C, D = w.W_Q, w.W_K
+    elif kind == "K":
+        C, D = w.W_K, w.W_Q
+    elif kind == "V":
+        C, D = w.W_V, w.W_O.transpose(-1, -2)
+    else:
+        raise ValueError(f"kind must be 'Q', 'K' or 'V', not {kind!r}")
+    # fold the d_head x d_head roots into the thin factors once: R(A_s) B_s and C_r R(D_r)^T
+    left = _gram_root(w.W_V) @ w.W_O  # [L, H, dh, d_model]
+    right = C @ _gram_root(D).transpose(-1, -2)  # [L, H, d_model, dh]
+    sender_norm = frobenius(w.W_V, w.W_O)  # [L, H]
+    receiver_norm = frobenius(C, D.transpose(-1, -2))
+    out = torch.full((L, H, L, H), float("nan"))
+    for lr in range(1, L):
+        # one matrix product for every sender below layer lr and every receiver head of layer lr
+        senders = left[:lr].reshape(lr * H * dh, -1)
+        receivers = right[lr].permute(1, 0, 2).reshape(-1, H * dh)
+        core = (senders @ receivers).reshape(lr, H, dh, H, dh)
+        norms = core.square().sum(dim=(2, 4)).sqrt()  # Frobenius norm of each [dh, dh] block: [Ls, Hs, Hr]
+        out[:lr, :, lr, :] = norms / (sender_norm[:lr, :, None] * receiver_norm[lr][None, None, :])
+    return out
+
+
+def random_baseline(
+    d_model: int, d_head: int, kind: Kind = "Q", n_samples: int = 1000, seed: int = 0, chunk: int = 100
+) -> Float[Tensor, " sample"]:
+    """Composition scores between independent random Gaussian heads of the same shapes: what "no relation"
+    looks like. A real pair reads as "above chance" when it exceeds, e.g., the 99th percentile of this sample."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, n_samples, chunk):
+        n = min(chunk, n_samples - start)
+        g = lambda *shape: torch.randn(n, *shape, generator=gen)  # noqa: E731
+        sender = FactoredMatrix(g(d_model, d_head), g(d_head, d_model))
+        receiver = FactoredMatrix(g(d_model, d_head), g(d_head, d_model))
+        B = receiver.T if kind == "K" else receiver
+        out.append((sender @ B).norm() / (sender.norm() * B.norm()))
+    return torch.cat(out)
+
+
+def component_scores(
+    w: HeadWeights, sender: tuple[int, int], receiver: tuple[int, int], kind: Kind = "Q", top: int | None = None
+) -> Float[Tensor, " component"]:
+    """Talking Heads' component-wise score: split the sender's OV into rank-1 SVD components
+    ``s_k u_k v_k^T`` and score how much each *written* direction ``v_k`` is read by the receiver:
+
+        score_k = ||v_k^T M_r||_F / ||M_r||_F,   M_r = W_Q W_K^T (Q), W_K W_Q^T (K) or W_V W_O (V)
+
+    (the composition score of the k-th component alone; it does not depend on ``s_k``). Components are in
+    order of decreasing singular value; ``top`` keeps the first ones.
+    """
+    (ls, hs), (lr, hr) = sender, receiver
+    if ls >= lr:
+        raise ValueError(f"the sender's layer ({ls}) must be below the receiver's ({lr})")
+    svd = head_svd(w.OV[ls, hs])
+    written = svd.Vh  # [dh, d_model], unit rows
+    M = {"Q": w.QK[lr, hr], "K": w.QK[lr, hr].T, "V": w.OV[lr, hr]}[kind]
+    rows = (written @ M.A) @ M.B  # [component, d_model]: how the receiver reads each written direction
+    scores = torch.linalg.vector_norm(rows, dim=-1) / frobenius(M.A, M.B)
+    return scores if top is None else scores[:top]
+
+
+def head_labels(n_layers: int, n_heads: int) -> list[str]:
+    """``L{layer}H{head}`` labels in flattened order."""
+    return [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]

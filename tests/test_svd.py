@@ -1,0 +1,144 @@
+"""Weights-only head analysis: factored = dense, invariances, extraction from models, GPT-2's known relations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import SHARED
+from headcircuits import svd
+
+GPT2_WEIGHTS = SHARED / "gpt2-small-attention"
+
+
+def _random_weights(L=3, H=4, d=32, dh=8, seed=0) -> svd.HeadWeights:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return svd.HeadWeights(r(L, H, d, dh), r(L, H, d, dh), r(L, H, d, dh), r(L, H, dh, d))
+
+
+def _dense_scores(w: svd.HeadWeights, kind: str) -> torch.Tensor:
+    """The straightforward implementation: materialise every d_model x d_model circuit."""
+    OV = w.W_V @ w.W_O
+    QK = w.W_Q @ w.W_K.transpose(-1, -2)
+    M = {"Q": QK, "K": QK.transpose(-1, -2), "V": OV}[kind]
+    L, H = w.n_layers, w.n_heads
+    out = torch.full((L, H, L, H), float("nan"))
+    for ls in range(L):
+        for hs in range(H):
+            for lr in range(ls + 1, L):
+                for hr in range(H):
+                    a, b = OV[ls, hs], M[lr, hr]
+                    out[ls, hs, lr, hr] = torch.linalg.norm(a @ b) / (torch.linalg.norm(a) * torch.linalg.norm(b))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["Q", "K", "V"])
+def test_vectorised_scores_match_the_dense_implementation(kind):
+    w = _random_weights()
+    fast, dense = svd.composition_scores(w, kind), _dense_scores(w, kind)
+    assert torch.equal(fast.isnan(), dense.isnan())
+    torch.testing.assert_close(fast.nan_to_num(), dense.nan_to_num(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["Q", "K", "V"])
+def test_scores_are_invariant_to_reparametrisations_that_keep_the_circuits(kind):
+    """OV = W_V W_O and QK = W_Q W_K^T are unchanged by W_V -> W_V G, W_O -> G^-1 W_O (and likewise for Q/K),
+    and a score does not change when a head's output is scaled."""
+    w = _random_weights(seed=1)
+    g = torch.Generator().manual_seed(2)
+    G = torch.randn(8, 8, generator=g) + 3 * torch.eye(8)
+    Gi = torch.linalg.inv(G)
+    moved = svd.HeadWeights(w.W_Q @ G, w.W_K @ Gi.T, w.W_V @ G, 5.0 * (Gi @ w.W_O))
+    torch.testing.assert_close(
+        svd.composition_scores(moved, kind).nan_to_num(), svd.composition_scores(w, kind).nan_to_num(),
+        rtol=1e-3, atol=1e-5,
+    )
+
+
+def test_factored_norm_and_svd_match_dense():
+    w = _random_weights()
+    dense = w.W_V @ w.W_O
+    torch.testing.assert_close(svd.frobenius(w.W_V, w.W_O), torch.linalg.matrix_norm(dense), rtol=1e-5, atol=1e-5)
+    s = svd.head_svd(w.OV)
+    torch.testing.assert_close(s.U @ torch.diag_embed(s.S) @ s.Vh, dense, rtol=1e-4, atol=1e-4)
+    assert (s.S[..., :-1] >= s.S[..., 1:]).all()
+
+
+def test_component_scores_decompose_the_composition_score():
+    """||U S Vh M||^2 = sum_k s_k^2 ||v_k^T M||^2: the head's score is the s^2-weighted mean of its components'."""
+    w = _random_weights(seed=3)
+    for kind in "QKV":
+        comp = svd.component_scores(w, (0, 1), (2, 3), kind)
+        S = svd.head_svd(w.OV[0, 1]).S
+        recombined = ((S**2 * comp**2).sum() / (S**2).sum()).sqrt()
+        torch.testing.assert_close(recombined, svd.composition_scores(w, kind)[0, 1, 2, 3], rtol=1e-4, atol=1e-6)
+        assert float((comp**2).sum()) <= 1 + 1e-5  # shares of the receiver's reading, summed over the sender's space
+    with pytest.raises(ValueError, match="below"):
+        svd.component_scores(w, (2, 0), (1, 0))
+
+
+def test_weights_from_a_model_reproduce_its_queries_and_keys(tiny):
+    """Extraction (and GQA expansion): the unprocessed weights map the norm's output to the hooked q and k."""
+    w = svd.from_model(tiny, fold_norm=False, center=False)
+    assert w.W_K.shape[1] == tiny.facts.n_heads  # expanded to one K head per query head
+    tokens = tiny.to_tokens(["When Mary and John went to the store, John gave a drink to"])
+    _, cache = tiny.bridge.run_with_cache(tokens.ids)
+    group = tiny.facts.kv_group_size
+    for layer in range(tiny.facts.n_layers):
+        x = cache[f"blocks.{layer}.ln1.hook_out"][0]
+        q, k = cache[f"blocks.{layer}.attn.hook_q"][0], cache[f"blocks.{layer}.attn.hook_k"][0]
+        for h in range(tiny.facts.n_heads):
+            torch.testing.assert_close(x @ w.W_Q[layer, h], q[:, h], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(x @ w.W_K[layer, h], k[:, h // group], rtol=1e-4, atol=1e-4)
+
+
+def test_processing_folds_the_norm_scale_and_centres_layernorm_models():
+    w = _random_weights()
+    scale = torch.rand(3, 32) + 0.5
+    W_Q, _, _, W_O = svd.process(w.W_Q, w.W_K, w.W_V, w.W_O, scale, center=True)
+    x = torch.randn(5, 32)
+    x = x - x.mean(-1, keepdim=True)  # what LayerNorm feeds a head: mean zero
+    torch.testing.assert_close((x * scale[1]) @ w.W_Q[1, 2], x @ W_Q[1, 2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(W_O.mean(-1), torch.zeros_like(W_O.mean(-1)), atol=1e-6, rtol=0)
+
+
+def test_random_baseline_is_deterministic_and_small():
+    a, b = svd.random_baseline(64, 8, n_samples=50, seed=1), svd.random_baseline(64, 8, n_samples=50, seed=1)
+    assert torch.equal(a, b) and a.shape == (50,) and (a > 0).all() and (a < 1).all()
+
+
+# --- GPT-2 small's real weights (the paper's model) -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpt2():
+    if not GPT2_WEIGHTS.is_dir():
+        pytest.skip(f"../shared is absent ({GPT2_WEIGHTS} not found): GPT-2 small's real weights are needed")
+    return svd.load_gpt2_small_attention(GPT2_WEIGHTS)
+
+
+def test_gpt2_previous_token_head_feeds_the_induction_heads_keys(gpt2):
+    """Known relation (Olsson et al. 2022; Wang et al. 2022 name 4.11 a previous-token head and 5.5, 6.9 induction
+    heads): induction heads find their target through K-composition with a previous-token head. Checked without
+    tuning: 4.11 is the single strongest K-composition sender into both induction heads."""
+    scores = svd.composition_scores(gpt2, "K")
+    for receiver in [(5, 5), (6, 9)]:
+        col = scores[:, :, receiver[0], receiver[1]].nan_to_num(-1.0)
+        best = int(col.flatten().argmax())
+        assert divmod(best, 12) == (4, 11), f"strongest K-composition sender into {receiver} is {divmod(best, 12)}"
+
+
+def test_gpt2_s_inhibition_heads_compose_with_name_movers_queries(gpt2):
+    """Known relation (Wang et al. 2022; Talking Heads): S-inhibition heads 7.3, 7.9, 8.6, 8.10 act on the name
+    movers 9.6, 9.9, 10.0 through their queries. Their Q-composition exceeds the random 99th percentile, and on
+    average exceeds that of all other heads in layers 0-8."""
+    scores = svd.composition_scores(gpt2, "Q")
+    chance = float(svd.random_baseline(768, 64, "Q", n_samples=500).quantile(0.99))
+    inhibition = [(7, 3), (7, 9), (8, 6), (8, 10)]
+    for mover in [(9, 6), (9, 9), (10, 0)]:
+        col = scores[:9, :, mover[0], mover[1]]
+        mask = torch.zeros(9, 12, dtype=torch.bool)
+        for layer, head in inhibition:
+            mask[layer, head] = True
+        assert (col[mask] > chance).all()
+        assert col[mask].mean() > col[~mask].mean()
