@@ -1,0 +1,265 @@
+"""Activation patching and path patching (Wang et al. 2022, App. B; Circuit Component Reuse).
+
+Everything is measured with the logit difference LD = logit(answer) - logit(distractor) at each prompt's own END
+and reported as the papers' normalised effect
+
+    effect = (LD_patched - LD_clean) / (LD_corrupt - LD_clean)
+
+(0: the patch changes nothing; 1: it moves the model all the way to its behaviour on the counterfactual prompts;
+averages over prompts are taken before the ratio, as in the papers).
+
+Path patching measures a *sender* head's effect on a set of *receivers* through the direct path only:
+
+1. run the clean and the counterfactual ("corrupt") prompts and cache every head's output ``z``;
+2. run the clean prompts again with every head frozen to its clean ``z`` except the sender, which gets its
+   counterfactual ``z`` (at every position, or at one named position); MLPs are recomputed (default) or frozen;
+   record the receivers' inputs (the final logits, or the q / k / v of receiver heads at a named position);
+3. for q / k / v receivers, run the clean prompts once more with only those inputs replaced, and read LD.
+
+This module is the *reference* implementation: a plain loop over senders that follows those steps literally.
+On grouped-K/V models (SmolLM2, Gemma) a k or v receiver is the shared K/V head of the receiver's group, so
+every query head of that group sees the patch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from headcircuits.metrics import logit_difference, logits_at
+from headcircuits.models.core import Model
+from headcircuits.progress import tqdm
+from headcircuits.tasks.base import TaskData
+
+Head = tuple[int, int]
+
+
+def normalised_effect(ld_patched: Tensor, ld_clean: Tensor, ld_corrupt: Tensor) -> Tensor:
+    """(mean LD_patched - mean LD_clean) / (mean LD_corrupt - mean LD_clean); ``ld_patched`` may have leading
+    dimensions (e.g. [layer, head, batch]); the last one is the prompts."""
+    denominator = ld_corrupt.mean() - ld_clean.mean()
+    if abs(float(denominator)) < 1e-6:
+        raise ValueError(
+            "the clean and counterfactual prompts give the same mean logit difference, so the normalised effect "
+            "is undefined; check the counterfactual (or compare raw logit differences instead)"
+        )
+    return (ld_patched.mean(-1) - ld_clean.mean()) / denominator
+
+
+@dataclass(frozen=True)
+class Receivers:
+    """Where a sender's effect is read: ``logits`` (the final residual stream), or the ``q`` / ``k`` / ``v``
+    input of the listed receiver heads at a named position of the TaskData (e.g. the movers' queries at END)."""
+
+    kind: Literal["logits", "q", "k", "v"] = "logits"
+    heads: tuple[Head, ...] = ()
+    position: str = "END"
+
+    def __post_init__(self):
+        if self.kind not in ("logits", "q", "k", "v"):
+            raise ValueError(f"receiver kind must be logits, q, k or v, not {self.kind!r}")
+        if self.kind != "logits" and not self.heads:
+            raise ValueError(f"{self.kind} receivers need at least one receiver head")
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _ in self.heads})
+
+    def senders(self, n_layers: int, n_heads: int) -> list[Head]:
+        """Every head that can send to these receivers: all heads for logits, else heads below the top receiver
+        layer that are not receivers themselves."""
+        top = n_layers if self.kind == "logits" else max(self.layers)
+        return [(l, h) for l in range(top) for h in range(n_heads) if (l, h) not in self.heads]
+
+
+@dataclass
+class Baseline:
+    """The clean and counterfactual runs every patch starts from."""
+
+    ld_clean: Float[Tensor, " batch"]
+    ld_corrupt: Float[Tensor, " batch"]
+    z_clean: list[Tensor]  # per layer [batch, pos, head, d_head]
+    z_corrupt: list[Tensor]
+    mlp_clean: list[Tensor]  # per layer [batch, pos, d_model]
+
+
+def _z(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def _mlp(layer: int) -> str:
+    return f"blocks.{layer}.hook_mlp_out"
+
+
+def _check(data: TaskData) -> None:
+    if not torch.equal(data.clean.lengths, data.corrupt.lengths):
+        raise ValueError(
+            "patching needs clean and counterfactual prompts of the same token length (position by position); "
+            "this TaskData's counterfactuals change the length of some prompts"
+        )
+
+
+def _ld(model: Model, logits: Tensor, data: TaskData) -> Tensor:
+    return logit_difference(logits_at(logits, data.positions["END"]), data.answer, data.distractor)
+
+
+@torch.no_grad()
+def baseline(model: Model, data: TaskData) -> Baseline:
+    """Run clean and counterfactual prompts once, caching every head's ``z`` and every MLP's output."""
+    _check(data)
+    L = model.facts.n_layers
+    names = lambda n: n.endswith("attn.hook_z") or n.endswith("hook_mlp_out")  # noqa: E731
+    clean_logits, clean = model.bridge.run_with_cache(data.clean.ids, names_filter=names)
+    corrupt_logits, corrupt = model.bridge.run_with_cache(data.corrupt.ids, names_filter=names)
+    return Baseline(
+        ld_clean=_ld(model, clean_logits, data),
+        ld_corrupt=_ld(model, corrupt_logits, data),
+        z_clean=[clean[_z(l)].clone() for l in range(L)],
+        z_corrupt=[corrupt[_z(l)].clone() for l in range(L)],
+        mlp_clean=[clean[_mlp(l)].clone() for l in range(L)],
+    )
+
+
+def _position_mask(data: TaskData, position: str | None, shape: tuple[int, int]) -> Tensor:
+    """[batch, pos] True where a patch applies: every position (None) or each prompt's named position."""
+    if position is None:
+        return torch.ones(shape, dtype=torch.bool)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[torch.arange(shape[0]), data.positions[position]] = True
+    return mask
+
+
+@torch.no_grad()
+def activation_patch_heads(
+    model: Model, data: TaskData, position: str | None = None, base: Baseline | None = None
+) -> Float[Tensor, "layer head"]:
+    """Normalised effect of replacing one head's output ``z`` by its counterfactual value (all positions, or a
+    named position), everything downstream recomputed. One forward pass per head."""
+    base = base or baseline(model, data)
+    L, H = model.facts.n_layers, model.facts.n_heads
+    mask = _position_mask(data, position, tuple(data.clean.ids.shape))[..., None]
+    ld = torch.zeros(L, H, len(data))
+    for layer in tqdm(range(L), desc="activation patching", leave=False):
+        for head in range(H):
+            def patch(z, hook, layer=layer, head=head):
+                z = z.clone()
+                z[..., head, :] = torch.where(mask, base.z_corrupt[layer][..., head, :], z[..., head, :])
+                return z
+
+            logits = model.bridge.run_with_hooks(data.clean.ids, fwd_hooks=[(_z(layer), patch)])
+            ld[layer, head] = _ld(model, logits, data)
+    return normalised_effect(ld, base.ld_clean, base.ld_corrupt)
+
+
+@torch.no_grad()
+def activation_patch_residual(
+    model: Model, data: TaskData, layer: int, position: str | None = None, base: Baseline | None = None
+) -> Float[Tensor, ""]:
+    """Normalised effect of replacing the residual stream entering ``layer`` (all positions or one) by its
+    counterfactual value. At layer 0 and all positions this *is* the counterfactual run (effect 1)."""
+    base = base or baseline(model, data)
+    name = f"blocks.{layer}.hook_resid_pre"
+    _, cache = model.bridge.run_with_cache(data.corrupt.ids, names_filter=lambda n: n == name)
+    corrupt = cache[name]
+    mask = _position_mask(data, position, tuple(data.clean.ids.shape))[..., None]
+    logits = model.bridge.run_with_hooks(
+        data.clean.ids, fwd_hooks=[(name, lambda x, hook: torch.where(mask, corrupt, x))]
+    )
+    return normalised_effect(_ld(model, logits, data)[None], base.ld_clean, base.ld_corrupt)[0]
+
+
+def _receiver_hook_name(kind: str, layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_{kind}"
+
+
+@torch.no_grad()
+def path_patch_ld(
+    model: Model,
+    data: TaskData,
+    receivers: Receivers,
+    senders: list[Head] | None = None,
+    *,
+    freeze_mlps: bool = False,
+    sender_position: str | None = None,
+    base: Baseline | None = None,
+    progress: bool = True,
+) -> tuple[dict[Head, Tensor], Baseline]:
+    """The reference path patching loop: for each sender, its patched logit difference per prompt."""
+    base = base or baseline(model, data)
+    L, H = model.facts.n_layers, model.facts.n_heads
+    senders = senders if senders is not None else receivers.senders(L, H)
+    group = model.facts.kv_group_size
+    sender_mask = _position_mask(data, sender_position, tuple(data.clean.ids.shape))[..., None]
+    receiver_rows = torch.arange(len(data))
+    receiver_pos = data.positions[receivers.position]
+    out: dict[Head, Tensor] = {}
+    for sender in tqdm(senders, desc="path patching (reference)", disable=not progress, leave=False):
+        ls, hs = sender
+
+        # step 2: freeze every head to clean, sender to counterfactual; record the receivers' inputs
+        def freeze(z, hook, layer):
+            frozen = base.z_clean[layer].clone()
+            if layer == ls:
+                frozen[..., hs, :] = torch.where(sender_mask, base.z_corrupt[layer][..., hs, :], frozen[..., hs, :])
+            return frozen
+
+        hooks: list[tuple[str, Callable]] = [(_z(l), lambda z, hook, l=l: freeze(z, hook, l)) for l in range(L)]
+        if freeze_mlps:
+            hooks += [(_mlp(l), lambda x, hook, l=l: base.mlp_clean[l]) for l in range(L)]
+        recorded: dict[int, Tensor] = {}
+        if receivers.kind != "logits":
+            for layer in receivers.layers:
+                def record(x, hook, layer=layer):
+                    recorded[layer] = x.clone()
+                    return x
+
+                hooks.append((_receiver_hook_name(receivers.kind, layer), record))
+        logits = model.bridge.run_with_hooks(data.clean.ids, fwd_hooks=hooks)
+        if receivers.kind == "logits":
+            out[sender] = _ld(model, logits, data)
+            continue
+
+        # step 3: a clean run with only the receivers' inputs replaced, at the receiver position
+        patch_hooks = []
+        for layer in receivers.layers:
+            heads = [h for l, h in receivers.heads if l == layer]
+            if receivers.kind in ("k", "v"):
+                heads = sorted({h // group for h in heads})  # the shared K/V head of each receiver's group
+
+            def patch(x, hook, layer=layer, heads=heads):
+                x = x.clone()
+                for h in heads:
+                    x[receiver_rows, receiver_pos, h] = recorded[layer][receiver_rows, receiver_pos, h]
+                return x
+
+            patch_hooks.append((_receiver_hook_name(receivers.kind, layer), patch))
+        logits = model.bridge.run_with_hooks(data.clean.ids, fwd_hooks=patch_hooks)
+        out[sender] = _ld(model, logits, data)
+    return out, base
+
+
+def path_patch(
+    model: Model,
+    data: TaskData,
+    receivers: Receivers,
+    senders: list[Head] | None = None,
+    *,
+    freeze_mlps: bool = False,
+    sender_position: str | None = None,
+    base: Baseline | None = None,
+    progress: bool = True,
+) -> Float[Tensor, "layer head"]:
+    """Normalised path-patching effect of every sender on the receivers, as a [layer, head] table (NaN for heads
+    that are not senders). See the module docstring for the three steps."""
+    lds, base = path_patch_ld(
+        model, data, receivers, senders, freeze_mlps=freeze_mlps, sender_position=sender_position, base=base,
+        progress=progress,
+    )
+    table = torch.full((model.facts.n_layers, model.facts.n_heads), float("nan"))
+    for (layer, head), ld in lds.items():
+        table[layer, head] = normalised_effect(ld[None], base.ld_clean, base.ld_corrupt)[0]
+    return table
