@@ -88,3 +88,33 @@ def test_normalised_effect_and_clear_errors(tiny, data_for):
     longer = tiny.to_tokens([t + " and" for t in data.clean_text])
     with pytest.raises(ValueError, match="same token length"):
         patching.baseline(tiny, replace(data, corrupt=longer))
+
+
+@pytest.mark.parametrize("freeze_mlps", [False, True])
+@pytest.mark.parametrize("sender_position", [None, "S2", "END"])
+def test_fast_path_patching_agrees_with_the_reference(tiny, data_for, freeze_mlps, sender_position):
+    data = data_for(tiny)
+    L = tiny.facts.n_layers
+    base = patching.baseline(tiny, data)
+    for receivers in [patching.Receivers("logits"), patching.Receivers("q", heads=((L - 1, 0), (L - 1, 3), (L - 2, 1)))]:
+        kwargs = dict(freeze_mlps=freeze_mlps, sender_position=sender_position, base=base, progress=False)
+        ref, _ = patching.path_patch_ld(tiny, data, receivers, **kwargs)
+        fast, _ = patching.path_patch_fast_ld(tiny, data, receivers, chunk=3, **kwargs)
+        assert ref.keys() == fast.keys()
+        for sender in ref:
+            torch.testing.assert_close(fast[sender], ref[sender], rtol=1e-4, atol=1e-4)
+
+
+def test_fast_path_refuses_receivers_it_does_not_cover(tiny, data_for):
+    with pytest.raises(ValueError, match="reference"):
+        patching.path_patch_fast_ld(tiny, data_for(tiny), patching.Receivers("v", heads=((2, 0),), position="S2"))
+
+
+@pytest.mark.slow
+def test_fast_and_reference_agree_on_the_embedded_model(smollm2):
+    data = ioi.generate(smollm2, 8, seed=0, counterfactual="abc")
+    senders = [(l, h) for l in (3, 17, 22) for h in (0, 4, 8)]
+    for receivers in [patching.Receivers("logits"), patching.Receivers("q", heads=((23, 0), (24, 4)))]:
+        ref = patching.path_patch(smollm2, data, receivers, senders, method="reference", progress=False)
+        fast = patching.path_patch(smollm2, data, receivers, senders, method="fast", progress=False)
+        torch.testing.assert_close(fast, ref, rtol=1e-3, atol=1e-4, equal_nan=True)

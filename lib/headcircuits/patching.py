@@ -16,7 +16,9 @@ Path patching measures a *sender* head's effect on a set of *receivers* through 
    record the receivers' inputs (the final logits, or the q / k / v of receiver heads at a named position);
 3. for q / k / v receivers, run the clean prompts once more with only those inputs replaced, and read LD.
 
-This module is the *reference* implementation: a plain loop over senders that follows those steps literally.
+Two implementations compute the same numbers: the *reference* (:func:`path_patch_ld`), a plain loop over senders
+that follows those steps literally, and the *fast* one (:func:`path_patch_fast_ld`, receivers read at END), which
+exploits that frozen heads move no information between positions (see its docstring).
 On grouped-K/V models (SmolLM2, Gemma) a k or v receiver is the shared K/V head of the receiver's group, so
 every query head of that group sees the patch.
 """
@@ -248,18 +250,133 @@ def path_patch(
     receivers: Receivers,
     senders: list[Head] | None = None,
     *,
+    method: Literal["fast", "reference"] = "fast",
     freeze_mlps: bool = False,
     sender_position: str | None = None,
     base: Baseline | None = None,
     progress: bool = True,
 ) -> Float[Tensor, "layer head"]:
     """Normalised path-patching effect of every sender on the receivers, as a [layer, head] table (NaN for heads
-    that are not senders). See the module docstring for the three steps."""
-    lds, base = path_patch_ld(
-        model, data, receivers, senders, freeze_mlps=freeze_mlps, sender_position=sender_position, base=base,
-        progress=progress,
-    )
+    that are not senders). See the module docstring for the three steps. ``method='fast'`` (receivers read at END)
+    and ``'reference'`` (any receivers; the paper's loop) compute the same numbers."""
+    run = path_patch_fast_ld if method == "fast" else path_patch_ld
+    lds, base = run(model, data, receivers, senders, freeze_mlps=freeze_mlps, sender_position=sender_position,
+                    base=base, progress=progress)
     table = torch.full((model.facts.n_layers, model.facts.n_heads), float("nan"))
     for (layer, head), ld in lds.items():
         table[layer, head] = normalised_effect(ld[None], base.ld_clean, base.ld_corrupt)[0]
     return table
+
+
+# --- the fast implementation ----------------------------------------------------------------------------------------
+
+def _end_groups(data: TaskData) -> dict[int, Tensor]:
+    """Prompt indices grouped by their END position (prompts of one group share a KV-cache length)."""
+    ends = data.positions["END"]
+    return {int(e): (ends == e).nonzero().flatten() for e in torch.unique(ends)}
+
+
+@torch.no_grad()
+def path_patch_fast_ld(
+    model: Model,
+    data: TaskData,
+    receivers: Receivers,
+    senders: list[Head] | None = None,
+    *,
+    freeze_mlps: bool = False,
+    sender_position: str | None = None,
+    base: Baseline | None = None,
+    chunk: int = 64,
+    progress: bool = True,
+) -> tuple[dict[Head, Tensor], Baseline]:
+    """Path patching, the same experiment as :func:`path_patch_ld`, computed at the END token only.
+
+    Why that is exact for receivers read at END (the logits, or receiver queries at END): in step 2 every head
+    is frozen, so no information moves between positions; the residual stream at END depends only on the frozen
+    head outputs at END and on per-position MLPs and norms. Step 2 is therefore a one-token forward pass whose
+    block-0 input is the clean residual at END and whose heads output their frozen END values. In step 3 only the
+    receivers' queries at END change, so every earlier position is the clean run: a one-token forward pass over
+    the clean prefix's key/value cache. Senders are batched (``chunk`` at a time) and prompts are grouped by
+    their END position for step 3 (one cache length per group). Agreement with the reference is tested to 1e-4.
+    """
+    if receivers.kind not in ("logits", "q") or receivers.position != "END":
+        raise ValueError(
+            f"the fast path covers receivers read at END (logits, or q at END); for {receivers.kind} receivers at "
+            f"{receivers.position} use the reference implementation (path_patch(..., method='reference'))"
+        )
+    import copy
+
+    base = base or baseline(model, data)
+    L, H = model.facts.n_layers, model.facts.n_heads
+    senders = senders if senders is not None else receivers.senders(L, H)
+    B = len(data)
+    ends = data.positions["END"]
+    every = torch.arange(B)
+    take = lambda t: t[every, ends]  # noqa: E731  each prompt's value at its END: [B, ...]
+    _, cache = model.bridge.run_with_cache(data.clean.ids, names_filter=lambda n: n == "blocks.0.hook_resid_pre")
+    resid0 = take(cache["blocks.0.hook_resid_pre"])
+    z_clean = [take(z) for z in base.z_clean]
+    z_corrupt = [take(z) for z in base.z_corrupt]
+    mlp_clean = [take(m) for m in base.mlp_clean]
+    sender_on = take(_position_mask(data, sender_position, tuple(data.clean.ids.shape)))  # [B]
+    end_ids = take(data.clean.ids)[:, None]  # [B, 1]
+    groups = _end_groups(data)
+    prefix_caches = {}
+    if receivers.kind == "q":  # the clean prefix of each END-length group, for step 3
+        for end, rows in groups.items():
+            _, prefix_caches[end] = model.bridge(data.clean.ids[rows, :end], return_type="logits_and_cache")
+    out = {s: torch.zeros(B) for s in senders}
+    chunks = [senders[i : i + chunk] for i in range(0, len(senders), chunk)]
+    for group in tqdm(chunks, desc="path patching (fast)", disable=not progress, leave=False):
+        S = len(group)
+        rep = lambda t: t.repeat_interleave(S, dim=0)  # noqa: E731  row b*S + s: prompt b, sender s
+
+        # step 2, one token per (prompt, sender), all prompts at once (frozen heads need no keys)
+        def freeze(z, hook, layer):
+            frozen = rep(z_clean[layer]).clone()
+            for s, (ls, hs) in enumerate(group):
+                if ls == layer:
+                    patched = torch.where(sender_on[:, None], z_corrupt[layer][:, hs], z_clean[layer][:, hs])
+                    frozen[every * S + s, hs] = patched
+            return frozen[:, None]
+
+        hooks: list[tuple[str, Callable]] = [("blocks.0.hook_resid_pre", lambda x, hook: rep(resid0)[:, None])]
+        hooks += [(_z(l), lambda z, hook, l=l: freeze(z, hook, l)) for l in range(L)]
+        if freeze_mlps:
+            hooks += [(_mlp(l), lambda x, hook, l=l: rep(mlp_clean[l])[:, None]) for l in range(L)]
+        recorded: dict[int, Tensor] = {}
+        for layer in receivers.layers:
+            def record(x, hook, layer=layer):
+                recorded[layer] = x.clone()
+                return x
+
+            hooks.append((_receiver_hook_name("q", layer), record))
+        if receivers.kind == "logits":
+            logits = model.bridge.run_with_hooks(rep(end_ids), fwd_hooks=hooks)[:, -1]
+            ld = logit_difference(logits, rep(data.answer), rep(data.distractor)).reshape(B, S)
+        else:  # only the receivers' queries are needed: stop after their last layer (no unembedding either)
+            model.bridge.run_with_hooks(rep(end_ids), fwd_hooks=hooks, stop_at_layer=max(receivers.layers) + 1)
+            ld = torch.zeros(B, S)
+            # step 3, per END-length group: one token over the clean prefix's cache, receivers' queries replaced
+            for end, rows in groups.items():
+                sel = (rows[:, None] * S + torch.arange(S)[None]).flatten()  # this group's rows, b-major
+                patch_hooks = []
+                for layer in receivers.layers:
+                    heads = [h for l, h in receivers.heads if l == layer]
+
+                    def patch(x, hook, layer=layer, heads=heads, sel=sel):
+                        x = x.clone()
+                        x[:, -1, heads] = recorded[layer][sel, -1][:, heads]
+                        return x
+
+                    patch_hooks.append((_receiver_hook_name("q", layer), patch))
+                kv = copy.deepcopy(prefix_caches[end])
+                kv.batch_repeat_interleave(S)
+                logits = model.bridge.run_with_hooks(
+                    end_ids[rows].repeat_interleave(S, dim=0), fwd_hooks=patch_hooks, past_key_values=kv
+                )[:, -1]
+                rows_rep = rows.repeat_interleave(S)
+                ld[rows] = logit_difference(logits, data.answer[rows_rep], data.distractor[rows_rep]).reshape(-1, S)
+        for s, sender in enumerate(group):
+            out[sender] = ld[:, s]
+    return out, base
