@@ -255,17 +255,29 @@ def path_patch(
     sender_position: str | None = None,
     base: Baseline | None = None,
     progress: bool = True,
+    cache: bool = False,
 ) -> Float[Tensor, "layer head"]:
     """Normalised path-patching effect of every sender on the receivers, as a [layer, head] table (NaN for heads
     that are not senders). See the module docstring for the three steps. ``method='fast'`` (receivers read at END)
-    and ``'reference'`` (any receivers; the paper's loop) compute the same numbers."""
-    run = path_patch_fast_ld if method == "fast" else path_patch_ld
-    lds, base = run(model, data, receivers, senders, freeze_mlps=freeze_mlps, sender_position=sender_position,
-                    base=base, progress=progress)
-    table = torch.full((model.facts.n_layers, model.facts.n_heads), float("nan"))
-    for (layer, head), ld in lds.items():
-        table[layer, head] = normalised_effect(ld[None], base.ld_clean, base.ld_corrupt)[0]
-    return table
+    and ``'reference'`` (any receivers; the paper's loop) compute the same numbers. ``cache=True`` keeps the
+    table on disk (headcircuits.cache), keyed by the model, the prompts and every parameter."""
+
+    def compute() -> Tensor:
+        run = path_patch_fast_ld if method == "fast" else path_patch_ld
+        lds, b = run(model, data, receivers, senders, freeze_mlps=freeze_mlps, sender_position=sender_position,
+                     base=base, progress=progress)
+        table = torch.full((model.facts.n_layers, model.facts.n_heads), float("nan"))
+        for (layer, head), ld in lds.items():
+            table[layer, head] = normalised_effect(ld[None], b.ld_clean, b.ld_corrupt)[0]
+        return table
+
+    if not cache:
+        return compute()
+    from headcircuits.cache import cached
+
+    key = {"model": model, "data": data, "receivers": receivers, "senders": senders, "freeze_mlps": freeze_mlps,
+           "sender_position": sender_position}
+    return cached("path_patch", key, compute)
 
 
 # --- the fast implementation ----------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ in the papers' code.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from dataclasses import dataclass
@@ -30,7 +31,15 @@ import torch
 from headcircuits.errors import HubUnreachableError, UnknownModelError
 from headcircuits.models.core import Model, ModelFacts, Tokens
 from headcircuits.models.facts import facts_from_config
-from headcircuits.models.offline import GGUFSource, cache_root, gemma3_gguf, prepare, smollm2_gguf, verify_entry
+from headcircuits.models.offline import (
+    MANIFEST,
+    GGUFSource,
+    cache_root,
+    gemma3_gguf,
+    prepare,
+    smollm2_gguf,
+    verify_entry,
+)
 from headcircuits.models.tiny import TINY_WORDS, tiny_hf_model, tiny_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -110,7 +119,8 @@ def _load_offline(name: str, spec: ModelSpec, device: str) -> Model:
         name, bridge.original_model.config, prepend_bos=spec.prepend_bos,
         quantisation=spec.gguf.quantisation, source=spec.gguf.description,
     )
-    return Model(bridge=bridge, tokenizer=bridge.tokenizer, facts=facts)
+    manifest = hashlib.sha256((entry / MANIFEST).read_bytes()).hexdigest()
+    return Model(bridge=bridge, tokenizer=bridge.tokenizer, facts=facts, weights_id=f"prepared:{manifest}")
 
 
 def _hub_cached(repo_id: str) -> bool:
@@ -154,7 +164,8 @@ def _load_hub(name: str, spec: ModelSpec, device: str) -> Model:
         name, bridge.original_model.config, prepend_bos=spec.prepend_bos, quantisation=None,
         source=f"hub: {spec.hub_id}",
     )
-    return Model(bridge=bridge, tokenizer=bridge.tokenizer, facts=facts)
+    revision = getattr(bridge.original_model.config, "_commit_hash", None) or "unknown revision"
+    return Model(bridge=bridge, tokenizer=bridge.tokenizer, facts=facts, weights_id=f"hub:{spec.hub_id}@{revision}")
 
 
 def _load_tiny(name: str, spec: ModelSpec, device: str, seed: int) -> Model:
@@ -164,7 +175,7 @@ def _load_tiny(name: str, spec: ModelSpec, device: str, seed: int) -> Model:
     facts = facts_from_config(
         name, hf_model.config, prepend_bos=spec.prepend_bos, quantisation=None, source=f"random init (seed {seed})"
     )
-    return Model(bridge=bridge, tokenizer=tokenizer, facts=facts)
+    return Model(bridge=bridge, tokenizer=tokenizer, facts=facts, weights_id=f"tiny:{spec.family}:seed{seed}")
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = None, *, seed: int = 0) -> Model:

@@ -113,6 +113,7 @@ class Model:
     bridge: object
     tokenizer: object
     facts: ModelFacts
+    weights_id: str = ""  # which weights exactly (cache manifest hash, hub id, random seed): keys cached results
 
     @property
     def name(self) -> str:

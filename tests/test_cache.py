@@ -1,0 +1,51 @@
+"""The on-disk results cache: reuse, keys, damage."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from headcircuits import cache, patching
+from headcircuits.tasks import ioi
+
+
+def test_same_key_is_computed_once_other_keys_again(tmp_path):
+    calls = []
+
+    def compute(x):
+        calls.append(x)
+        return torch.tensor([x, 2 * x])
+
+    a = cache.cached("t", {"x": 1, "w": torch.ones(3)}, lambda: compute(1), root=tmp_path)
+    b = cache.cached("t", {"w": torch.ones(3), "x": 1}, lambda: compute(99), root=tmp_path)  # key order is irrelevant
+    c = cache.cached("t", {"x": 1, "w": torch.ones(3) * 2}, lambda: compute(3), root=tmp_path)  # tensor values count
+    assert torch.equal(a, b) and calls == [1, 3] and torch.equal(c, torch.tensor([3, 6]))
+
+
+def test_unreadable_file_is_recomputed(tmp_path):
+    cache.cached("t", {"k": 1}, lambda: torch.zeros(2), root=tmp_path)
+    (path,) = (tmp_path / "results" / "t").glob("*.pt")
+    path.write_bytes(b"not a torch file")
+    value = cache.cached("t", {"k": 1}, lambda: torch.ones(2), root=tmp_path)
+    assert torch.equal(value, torch.ones(2))
+    assert torch.equal(torch.load(path), torch.ones(2))
+
+
+def test_models_and_task_data_are_keyed_by_their_content(tiny):
+    data = ioi.generate(tiny, 4, seed=0)
+    other = ioi.generate(tiny, 4, seed=1)
+    assert cache.fingerprint({"m": tiny, "d": data}) == cache.fingerprint({"m": tiny, "d": data})
+    assert cache.fingerprint({"m": tiny, "d": data}) != cache.fingerprint({"m": tiny, "d": other})
+    assert cache.fingerprint(tiny) != cache.fingerprint(replace(tiny, weights_id=tiny.weights_id + "x"))
+
+
+def test_cached_path_patching_returns_the_same_table(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADCIRCUITS_CACHE", str(tmp_path))
+    data = ioi.generate(tiny, 4, seed=0, counterfactual="s2io")
+    receivers = patching.Receivers("logits")
+    first = patching.path_patch(tiny, data, receivers, [(0, 0), (1, 1)], cache=True, progress=False)
+    assert len(list((tmp_path / "results" / "path_patch").glob("*.pt"))) == 1
+    second = patching.path_patch(tiny, data, receivers, [(0, 0), (1, 1)], cache=True, progress=False)
+    torch.testing.assert_close(first, second, equal_nan=True)
+    assert len(list((tmp_path / "results" / "path_patch").glob("*.pt"))) == 1
