@@ -1,0 +1,224 @@
+"""Circuits: backward discovery stage by stage (Wang et al. 2022; Circuit Component Reuse), head classes, and the
+overlap of two circuits with the random baseline the paper lacked.
+
+Discovery runs path patching backwards from the output. Each stage's receivers are the heads the previous stage
+selected, read at a named position of the task:
+
+    movers       senders -> logits                          (name / colour movers, negative movers)
+    inhibition   senders -> q of the movers at END          (S-inhibition heads)
+    duplicate    senders -> v of the inhibition heads at S2 (duplicate-token / induction heads)
+    previous     senders -> k of the duplicate heads at S1+1 (previous-token heads)
+
+A head is in the circuit if its effect is in the top ``fraction`` (Circuit Reuse: 2 %) of all heads, by absolute
+value, in any stage (both kinds of movers count). Stages whose receivers are read at END use the fast path
+patching; the others use the reference loop. Both ``fraction`` and the stages are parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from headcircuits import patching
+from headcircuits.metrics import attention_between
+from headcircuits.models.core import Model
+from headcircuits.tasks.base import TaskData
+
+Head = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One backward step: receivers are the previous stage's heads (``kind`` q/k/v at ``position``), or the logits."""
+
+    name: str
+    kind: str  # "logits", "q", "k", "v"
+    position: str = "END"
+
+
+IOI_STAGES: tuple[Stage, ...] = (
+    Stage("movers", "logits"),
+    Stage("inhibition", "q", "END"),
+    Stage("duplicate", "v", "S2"),
+    Stage("previous", "k", "S1+1"),
+)
+
+
+@dataclass
+class Circuit:
+    """Heads with the stages (roles) that selected them, and every stage's [layer, head] effect table."""
+
+    heads: dict[Head, list[str]] = field(default_factory=dict)
+    tables: dict[str, Tensor] = field(default_factory=dict)
+    fraction: float = 0.02
+
+    def __contains__(self, head: Head) -> bool:
+        return head in self.heads
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def stage(self, name: str) -> list[Head]:
+        return sorted(h for h, roles in self.heads.items() if name in roles)
+
+
+def top_heads(table: Float[Tensor, "layer head"], fraction: float = 0.02) -> list[Head]:
+    """The heads whose |effect| is in the top ``fraction`` of *all* heads of the model (at least one); NaN entries
+    (heads that could not send in this stage) never qualify."""
+    n = max(1, math.ceil(fraction * table.numel()))
+    flat = table.abs().flatten().nan_to_num(-1.0)
+    order = torch.argsort(flat, descending=True)[:n]
+    H = table.shape[1]
+    return sorted((int(i) // H, int(i) % H) for i in order if flat[i] >= 0)
+
+
+def discover(
+    model: Model,
+    data: TaskData,
+    stages: tuple[Stage, ...] = IOI_STAGES,
+    fraction: float = 0.02,
+    *,
+    freeze_mlps: bool = False,
+    cache: bool = True,
+    progress: bool = True,
+) -> Circuit:
+    """Run the stages backwards; each stage's receivers are the heads selected by the stage before it."""
+    circuit = Circuit(fraction=fraction)
+    base = patching.baseline(model, data)
+    previous: list[Head] = []
+    for stage in stages:
+        if stage.kind == "logits":
+            receivers = patching.Receivers("logits")
+        else:
+            if not previous:
+                break  # nothing to receive: the previous stage selected no head
+            receivers = patching.Receivers(stage.kind, heads=tuple(previous), position=stage.position)
+        senders = receivers.senders(model.facts.n_layers, model.facts.n_heads)
+        if not senders:
+            break
+        method = "fast" if stage.kind in ("logits", "q") and stage.position == "END" else "reference"
+        table = patching.path_patch(model, data, receivers, senders, method=method, freeze_mlps=freeze_mlps,
+                                    base=base, progress=progress, cache=cache)
+        circuit.tables[stage.name] = table
+        previous = top_heads(table, fraction)
+        for head in previous:
+            circuit.heads.setdefault(head, []).append(stage.name)
+    return circuit
+
+
+# --- overlap ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Overlap:
+    """How much of circuit A is also in circuit B, against random head sets of the same sizes.
+
+    ``fraction`` = |A & B| / |A| (the paper's "x % of in-circuit heads are reused"); ``expected`` is the same
+    fraction for random sets (|B| / n_heads); ``p_value`` = P(|A & B| >= observed) for random sets
+    (hypergeometric, exact)."""
+
+    shared: int
+    size_a: int
+    size_b: int
+    n_heads: int
+
+    @property
+    def fraction(self) -> float:
+        return self.shared / self.size_a if self.size_a else float("nan")
+
+    @property
+    def expected(self) -> float:
+        return self.size_b / self.n_heads
+
+    @property
+    def p_value(self) -> float:
+        total = math.comb(self.n_heads, self.size_a)
+        upper = min(self.size_a, self.size_b)
+        hits = sum(
+            math.comb(self.size_b, k) * math.comb(self.n_heads - self.size_b, self.size_a - k)
+            for k in range(self.shared, upper + 1)
+        )
+        return hits / total
+
+
+def overlap(a: Circuit | set[Head], b: Circuit | set[Head], n_heads: int) -> Overlap:
+    """Overlap of two circuits (or head sets) of a model with ``n_heads`` heads in all."""
+    set_a = set(a.heads) if isinstance(a, Circuit) else set(a)
+    set_b = set(b.heads) if isinstance(b, Circuit) else set(b)
+    return Overlap(len(set_a & set_b), len(set_a), len(set_b), n_heads)
+
+
+def random_overlaps(size_a: int, size_b: int, n_heads: int, n_samples: int = 10_000, seed: int = 0) -> Tensor:
+    """Overlap fractions |A & B| / |A| of random head sets (a simulation of the baseline, for plots)."""
+    rng = random.Random(seed)
+    heads = range(n_heads)
+    return torch.tensor(
+        [len(set(rng.sample(heads, size_a)) & set(rng.sample(heads, size_b))) / size_a for _ in range(n_samples)]
+    )
+
+
+# --- head classes -----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def direct_logit_difference(model: Model, data: TaskData) -> Float[Tensor, "layer head"]:
+    """Each head's direct contribution to logit(answer) - logit(distractor) at END: its output at END, scaled by
+    the final norm (frozen at its clean value), dotted with W_U[answer] - W_U[distractor]; mean over prompts.
+    Positive for heads that write the answer (movers), negative for heads that suppress it (negative movers)."""
+    L, H = model.facts.n_layers, model.facts.n_heads
+    names = lambda n: n.endswith("attn.hook_z") or n in ("ln_final.hook_in", "ln_final.hook_out")  # noqa: E731
+    _, cache = model.bridge.run_with_cache(data.clean.ids, names_filter=names)
+    rows, ends = torch.arange(len(data)), data.positions["END"]
+    resid, normed = cache["ln_final.hook_in"][rows, ends], cache["ln_final.hook_out"][rows, ends]
+    centred = resid - resid.mean(-1, keepdim=True) if model.facts.norm == "layernorm" else resid
+    # the final norm as a per-prompt, per-dimension linear map at its clean operating point (bias excluded)
+    gain = (normed - _final_norm_bias(model)) / centred.where(centred.abs() > 1e-8, torch.full_like(centred, 1e-8))
+    W_U = model.bridge.W_U.detach()  # [d_model, vocab]
+    direction = W_U[:, data.answer] - W_U[:, data.distractor]  # [d_model, batch]
+    W_O = model.bridge.W_O.detach()  # [L, H, d_head, d_model]
+    out = torch.zeros(L, H)
+    for layer in range(L):
+        z = cache[f"blocks.{layer}.attn.hook_z"][rows, ends]  # [batch, H, d_head]
+        head_out = torch.einsum("bhd,hdm->bhm", z, W_O[layer])
+        if model.facts.norm == "layernorm":
+            head_out = head_out - head_out.mean(-1, keepdim=True)
+        out[layer] = torch.einsum("bhm,bm,mb->h", head_out, gain, direction) / len(data)
+    return out
+
+
+def _final_norm_bias(model: Model) -> Tensor:
+    hf = model.bridge.original_model
+    norm = {"gpt2": lambda: hf.transformer.ln_f, "gpt-neox": lambda: hf.gpt_neox.final_layer_norm}.get(model.facts.family)
+    bias = getattr(norm(), "bias", None) if norm else None
+    return torch.zeros(model.facts.d_model) if bias is None else bias.detach()
+
+
+def classify(
+    model: Model, data: TaskData, heads: list[Head], threshold: float = 0.2
+) -> dict[Head, str]:
+    """A class for each head from where it attends and what it writes (IOI position names):
+
+    mover / negative mover (END attends to IO, direct logit difference > 0 / < 0), inhibition (END attends to
+    S2), induction (S2 attends to S1+1), duplicate-token (S2 attends to S1), previous-token (S1+1 attends to S1);
+    "other" when no attention score reaches ``threshold``. On grouped-K/V or Gemma models these are the same
+    behavioural definitions; nothing is read off GPT-2's head indices."""
+    patterns = {
+        "mover": attention_between(model, data, "END", "IO"),
+        "inhibition": attention_between(model, data, "END", "S2"),
+        "induction": attention_between(model, data, "S2", "S1+1"),
+        "duplicate-token": attention_between(model, data, "S2", "S1"),
+        "previous-token": attention_between(model, data, "S1+1", "S1"),
+    }
+    dla = direct_logit_difference(model, data)
+    classes = {}
+    for head in heads:
+        name, score = max(((n, float(p[head])) for n, p in patterns.items()), key=lambda x: x[1])
+        if score < threshold:
+            name = "other"
+        elif name == "mover" and float(dla[head]) < 0:
+            name = "negative mover"
+        classes[head] = name
+    return classes
