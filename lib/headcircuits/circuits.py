@@ -25,7 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headcircuits import patching
-from headcircuits.metrics import attention_between
+from headcircuits.metrics import attention_between_pairs
 from headcircuits.models.core import Model
 from headcircuits.tasks.base import TaskData
 
@@ -205,13 +205,15 @@ def classify(
     S2), induction (S2 attends to S1+1), duplicate-token (S2 attends to S1), previous-token (S1+1 attends to S1);
     "other" when no attention score reaches ``threshold``. On grouped-K/V or Gemma models these are the same
     behavioural definitions; nothing is read off GPT-2's head indices."""
-    patterns = {
-        "mover": attention_between(model, data, "END", "IO"),
-        "inhibition": attention_between(model, data, "END", "S2"),
-        "induction": attention_between(model, data, "S2", "S1+1"),
-        "duplicate-token": attention_between(model, data, "S2", "S1"),
-        "previous-token": attention_between(model, data, "S1+1", "S1"),
+    where = {
+        "mover": ("END", "IO"),
+        "inhibition": ("END", "S2"),
+        "induction": ("S2", "S1+1"),
+        "duplicate-token": ("S2", "S1"),
+        "previous-token": ("S1+1", "S1"),
     }
+    scores = attention_between_pairs(model, data, list(where.values()))  # one pass over the prompts
+    patterns = {name: scores[pair] for name, pair in where.items()}
     dla = direct_logit_difference(model, data)
     classes = {}
     for head in heads:

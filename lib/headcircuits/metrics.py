@@ -122,9 +122,16 @@ def attention_between(
     E.g. ``query='END', key='IO'`` finds heads that attend to the indirect object at the last token, the
     signature of Wang et al.'s name mover heads. Grouped K/V heads are reported per query head.
     """
+    return attention_between_pairs(model, data, [(query, key)], batch_size)[(query, key)]
+
+
+@torch.no_grad()
+def attention_between_pairs(
+    model: Model, data: TaskData, pairs: list[tuple[str, str]], batch_size: int = 32
+) -> dict[tuple[str, str], Float[Tensor, "layer head"]]:
+    """:func:`attention_between` for several (query, key) position pairs from one pass over the prompts."""
     n_layers, n_heads = model.facts.n_layers, model.facts.n_heads
-    total = torch.zeros(n_layers, n_heads)
-    q_pos, k_pos = data.positions[query], data.positions[key]
+    totals = {pair: torch.zeros(n_layers, n_heads) for pair in pairs}
     for start in range(0, len(data), batch_size):
         stop = start + batch_size
         ids = data.clean.ids[start:stop, : int(data.clean.lengths[start:stop].max())]
@@ -132,5 +139,7 @@ def attention_between(
         rows = torch.arange(ids.shape[0])
         for layer in range(n_layers):
             pattern = cache[f"blocks.{layer}.attn.hook_pattern"]  # [batch, head, query, key]
-            total[layer] += pattern[rows, :, q_pos[start:stop], k_pos[start:stop]].sum(0)
-    return total / len(data)
+            for (query, key), total in totals.items():
+                q_pos, k_pos = data.positions[query][start:stop], data.positions[key][start:stop]
+                total[layer] += pattern[rows, :, q_pos, k_pos].sum(0)
+    return {pair: total / len(data) for pair, total in totals.items()}

@@ -87,6 +87,7 @@ class Baseline:
     z_clean: list[Tensor]  # per layer [batch, pos, head, d_head]
     z_corrupt: list[Tensor]
     mlp_clean: list[Tensor]  # per layer [batch, pos, d_model]
+    resid0_clean: Tensor  # the residual stream entering block 0 (embeddings), [batch, pos, d_model]
 
 
 def _z(layer: int) -> str:
@@ -114,7 +115,7 @@ def baseline(model: Model, data: TaskData) -> Baseline:
     """Run clean and counterfactual prompts once, caching every head's ``z`` and every MLP's output."""
     _check(data)
     L = model.facts.n_layers
-    names = lambda n: n.endswith("attn.hook_z") or n.endswith("hook_mlp_out")  # noqa: E731
+    names = lambda n: n.endswith(("attn.hook_z", "hook_mlp_out")) or n == "blocks.0.hook_resid_pre"  # noqa: E731
     clean_logits, clean = model.bridge.run_with_cache(data.clean.ids, names_filter=names)
     corrupt_logits, corrupt = model.bridge.run_with_cache(data.corrupt.ids, names_filter=names)
     return Baseline(
@@ -123,6 +124,7 @@ def baseline(model: Model, data: TaskData) -> Baseline:
         z_clean=[clean[_z(l)].clone() for l in range(L)],
         z_corrupt=[corrupt[_z(l)].clone() for l in range(L)],
         mlp_clean=[clean[_mlp(l)].clone() for l in range(L)],
+        resid0_clean=clean["blocks.0.hook_resid_pre"].clone(),
     )
 
 
@@ -325,8 +327,7 @@ def path_patch_fast_ld(
     ends = data.positions["END"]
     every = torch.arange(B)
     take = lambda t: t[every, ends]  # noqa: E731  each prompt's value at its END: [B, ...]
-    _, cache = model.bridge.run_with_cache(data.clean.ids, names_filter=lambda n: n == "blocks.0.hook_resid_pre")
-    resid0 = take(cache["blocks.0.hook_resid_pre"])
+    resid0 = take(base.resid0_clean)
     z_clean = [take(z) for z in base.z_clean]
     z_corrupt = [take(z) for z in base.z_corrupt]
     mlp_clean = [take(m) for m in base.mlp_clean]
