@@ -1,6 +1,6 @@
 """Benchmark (not a test): reference vs fast path patching on the embedded default model, same prompts.
 
-    .venv/bin/python benchmarks/path_patching.py [--prompts 16] [--layers 6] [--receivers logits|q]
+    .venv/bin/python benchmarks/path_patching.py [--prompts 16] [--layers 6] [--receivers logits|q|v|k]
 
 Each method runs in its own process so its peak memory (max RSS) is its own. Prints both times, the speed-up
 (target >= 10x), the peak memory and the largest difference between the two [layer, head] tables.
@@ -26,15 +26,22 @@ def run_one(args) -> None:
     model = load_model(args.model)
     data = ioi.generate(model, args.prompts, seed=0, counterfactual="abc")
     L, H = model.facts.n_layers, model.facts.n_heads
-    if args.receivers == "logits":
-        receivers = patching.Receivers("logits")
-    else:  # the heads that attend most from END to IO (a documented, data-driven choice of mover-like heads)
-        from headcircuits import metrics
+    from headcircuits import metrics
 
-        score = metrics.attention_between(model, data, "END", "IO").flatten().topk(3).indices
-        receivers = patching.Receivers("q", heads=tuple((int(i) // H, int(i) % H) for i in score))
-    senders = [s for s in receivers.senders(L, H) if s[0] >= L - args.layers - (0 if args.receivers == "logits" else 8)]
-    senders = senders[: args.layers * H]
+    def top3(query: str, key: str) -> tuple:
+        score = metrics.attention_between(model, data, query, key).flatten().topk(3).indices
+        return tuple((int(i) // H, int(i) % H) for i in score)
+
+    # data-driven receivers like the discovery stages': mover-like heads (END -> IO) for q at END,
+    # inhibition-like heads (END -> S2) for v at S2, induction-like heads (S2 -> S1+1) for k at S1+1
+    receivers = {
+        "logits": lambda: patching.Receivers("logits"),
+        "q": lambda: patching.Receivers("q", heads=top3("END", "IO")),
+        "v": lambda: patching.Receivers("v", heads=top3("END", "S2"), position="S2"),
+        "k": lambda: patching.Receivers("k", heads=top3("S2", "S1+1"), position="S1+1"),
+    }[args.receivers]()
+    below = L if args.receivers == "logits" else max(receivers.layers)
+    senders = [s for s in receivers.senders(L, H) if s[0] >= below - args.layers][: args.layers * H]
     base = patching.baseline(model, data)
     start = time.perf_counter()
     table = patching.path_patch(model, data, receivers, senders, method=args.method, base=base, progress=False)
@@ -49,7 +56,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--layers", type=int, default=6, help="senders: all heads of this many layers")
-    parser.add_argument("--receivers", choices=["logits", "q"], default="logits")
+    parser.add_argument("--receivers", choices=["logits", "q", "v", "k"], default="logits")
     parser.add_argument("--method", choices=["fast", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:

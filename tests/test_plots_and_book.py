@@ -71,7 +71,7 @@ def test_every_notebook_has_a_parameters_cell_and_no_outputs():
 @pytest.mark.slow
 def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     """Every notebook runs with small parameters, the book renders strictly (-W), and no page loads from the net."""
-    html = book.build(ROOT, tmp_path, {"n_prompts": 12, "seed": 1})
+    html = book.build(ROOT, tmp_path, {"n_prompts": 12, "seed": 1, "n_eval": 24, "n_controls": 2})
     assert (html / "book" / "notebooks" / "01_ioi_behaviour.html").is_file()
     assert (html / "_static" / "vendor" / "circuitsvis.js").is_file()
     assert (html / "_static" / "vendor" / "mathjax" / "tex-chtml.js").is_file()
@@ -80,3 +80,18 @@ def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     assert "circuits-vis-" in page and "on 12 prompts" in page.lower()
     tasks_page = (html / "book" / "notebooks" / "02_tasks_and_baselines.html").read_text()
     assert "gemma-3-270m" in tasks_page and "Laundry List" in tasks_page
+    circuit_page = (html / "book" / "notebooks" / "03_ioi_circuit.html").read_text()
+    assert "12 ABC prompts" in circuit_page and "circuits-vis-" in circuit_page
+    reuse_page = (html / "book" / "notebooks" / "04_circuit_reuse.html").read_text()
+    assert "Colored Objects circuit heads are in the IOI circuit" in reuse_page
+
+
+def test_the_book_environment_silences_progress_bars_even_when_a_caller_asks_for_them(monkeypatch, capsys):
+    from headcircuits.progress import tqdm
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert list(tqdm(range(3), disable=False)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("TQDM_DISABLE", "")
+    list(tqdm(range(3), disable=False))
+    assert "3/3" in capsys.readouterr().err

@@ -91,6 +91,10 @@ def test_positions_point_at_the_right_tokens(smollm2_or_tiny):
             assert int(ids[i, data.positions[f"OBJ_{k}"][i]]) == model.single_token_id(" " + objects[k])
         assert int(ids[i, data.positions["QUERY"][i]]) == model.single_token_id(" " + objects[row.target_position])
         assert int(data.answer[i]) == model.single_token_id(" " + colors[row.target_position].capitalize())
+        assert int(data.positions["ANSWER_OBJ"][i]) == int(data.positions[f"OBJ_{row.target_position}"][i])
+        wrong = [int(data.positions[f"WRONG_COLOR_{j}"][i]) for j in range(2)]
+        assert sorted([*wrong, int(data.positions["ANSWER_COLOR"][i])]) == [
+            int(data.positions[f"COLOR_{k}"][i]) for k in range(3)]  # the two others, in list order
     assert torch.equal(data.positions["END"], data.clean.lengths - 1)
     assert torch.equal(data.candidates[rows, torch.tensor(data.meta.target_position.to_numpy())], data.answer)
 

@@ -10,8 +10,11 @@ selected, read at a named position of the task:
     previous     senders -> k of the duplicate heads at S1+1 (previous-token heads)
 
 A head is in the circuit if its effect is in the top ``fraction`` (Circuit Reuse: 2 %) of all heads, by absolute
-value, in any stage (both kinds of movers count). Stages whose receivers are read at END use the fast path
-patching; the others use the reference loop. Both ``fraction`` and the stages are parameters.
+value, in any stage (both kinds of movers count), and moves at least ``min_effect`` (default 1 %) of the way from
+the clean to the counterfactual behaviour: our documented addition, so that a stage whose strongest heads move
+almost nothing does not fill the circuit with noise. Every stage uses the fast path patching by default
+(``method='reference'`` runs the paper's loop; both give the same tables). ``fraction`` and the stages are
+parameters.
 """
 
 from __future__ import annotations
@@ -48,6 +51,19 @@ IOI_STAGES: tuple[Stage, ...] = (
     Stage("previous", "k", "S1+1"),
 )
 
+#: Colored Objects, the same roles at the task's positions (a documented choice; the paper gives the circuit,
+#: not the receiver positions): the repeated token is the queried object at QUERY ("What color is the pencil?"
+#: repeats "pencil" of the list). The previous-token stage is left out: the Colored Objects counterfactual changes
+#: only the QUERY token, so no sender differs at the earlier position its receivers would be read at
+#: (ANSWER_OBJ + 1) and every effect there is exactly 0.
+CO_STAGES: tuple[Stage, ...] = (
+    Stage("movers", "logits"),
+    Stage("inhibition", "q", "END"),
+    Stage("duplicate", "v", "QUERY"),
+)
+
+STAGES = {"ioi": IOI_STAGES, "colored_objects": CO_STAGES}
+
 
 @dataclass
 class Circuit:
@@ -56,6 +72,7 @@ class Circuit:
     heads: dict[Head, list[str]] = field(default_factory=dict)
     tables: dict[str, Tensor] = field(default_factory=dict)
     fraction: float = 0.02
+    min_effect: float = 0.01
 
     def __contains__(self, head: Head) -> bool:
         return head in self.heads
@@ -67,28 +84,36 @@ class Circuit:
         return sorted(h for h, roles in self.heads.items() if name in roles)
 
 
-def top_heads(table: Float[Tensor, "layer head"], fraction: float = 0.02) -> list[Head]:
+def top_heads(table: Float[Tensor, "layer head"], fraction: float = 0.02, min_effect: float = 1e-3) -> list[Head]:
     """The heads whose |effect| is in the top ``fraction`` of *all* heads of the model (at least one); NaN entries
-    (heads that could not send in this stage) never qualify."""
+    (heads that could not send in this stage) and effects below ``min_effect`` (a head that changes nothing is
+    not in a circuit, however few heads do) never qualify."""
     n = max(1, math.ceil(fraction * table.numel()))
     flat = table.abs().flatten().nan_to_num(-1.0)
     order = torch.argsort(flat, descending=True)[:n]
     H = table.shape[1]
-    return sorted((int(i) // H, int(i) % H) for i in order if flat[i] >= 0)
+    return sorted((int(i) // H, int(i) % H) for i in order if flat[i] >= min_effect)
 
 
 def discover(
     model: Model,
     data: TaskData,
-    stages: tuple[Stage, ...] = IOI_STAGES,
+    stages: tuple[Stage, ...] | None = None,
     fraction: float = 0.02,
     *,
+    min_effect: float = 0.01,
     freeze_mlps: bool = False,
     cache: bool = True,
     progress: bool = True,
+    method: str = "fast",
 ) -> Circuit:
-    """Run the stages backwards; each stage's receivers are the heads selected by the stage before it."""
-    circuit = Circuit(fraction=fraction)
+    """Run the stages backwards; each stage's receivers are the heads selected by the stage before it. ``stages``
+    defaults to the task's (:data:`STAGES`: IOI or Colored Objects)."""
+    if stages is None:
+        if data.task not in STAGES:
+            raise ValueError(f"no default discovery stages for task {data.task!r}; pass stages=(Stage(...), ...)")
+        stages = STAGES[data.task]
+    circuit = Circuit(fraction=fraction, min_effect=min_effect)
     base = patching.baseline(model, data)
     previous: list[Head] = []
     for stage in stages:
@@ -101,11 +126,10 @@ def discover(
         senders = receivers.senders(model.facts.n_layers, model.facts.n_heads)
         if not senders:
             break
-        method = "fast" if stage.kind in ("logits", "q") and stage.position == "END" else "reference"
         table = patching.path_patch(model, data, receivers, senders, method=method, freeze_mlps=freeze_mlps,
                                     base=base, progress=progress, cache=cache)
         circuit.tables[stage.name] = table
-        previous = top_heads(table, fraction)
+        previous = top_heads(table, fraction, min_effect)
         for head in previous:
             circuit.heads.setdefault(head, []).append(stage.name)
     return circuit
@@ -224,3 +248,23 @@ def classify(
             name = "negative mover"
         classes[head] = name
     return classes
+
+
+def heads_of_class(classes: dict[Head, str], name: str) -> tuple[Head, ...]:
+    """The heads :func:`classify` put in class ``name`` (e.g. the inhibition heads of a circuit), sorted."""
+    return tuple(sorted(h for h, c in classes.items() if c == name))
+
+
+def table(circuit: Circuit, classes: dict[Head, str] | None = None) -> "pd.DataFrame":
+    """One row per circuit head: ``head`` (``L.H``), the stages that selected it, its effect in every stage
+    (normalised path-patching effect) and its behavioural class."""
+    import pandas as pd
+
+    rows = []
+    for (layer, head), stages in sorted(circuit.heads.items()):
+        row = {"head": f"{layer}.{head}", "layer": layer, "stages": ", ".join(stages)}
+        row.update({f"effect ({name})": float(t[layer, head]) for name, t in circuit.tables.items()})
+        if classes is not None:
+            row["class"] = classes.get((layer, head), "")
+        rows.append(row)
+    return pd.DataFrame(rows)

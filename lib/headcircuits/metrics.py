@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
@@ -16,6 +18,9 @@ from torch import Tensor
 
 from headcircuits.models.core import Model
 from headcircuits.tasks.base import TaskData
+
+#: hooks for the prompts ``start:stop`` of a batched run: ``hooks_for(start, stop) -> [(hook name, fn), ...]``
+HooksFor = Callable[[int, int], list]
 
 
 def logits_at(logits: Float[Tensor, "batch pos vocab"], positions: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
@@ -31,9 +36,53 @@ def logit_difference(
     return end_logits[rows, answer] - end_logits[rows, distractor]
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the needed activation is recorded."""
+
+
 @torch.no_grad()
-def end_logits(model: Model, data: TaskData, which: str = "clean", batch_size: int = 32) -> Float[Tensor, "batch vocab"]:
-    """Logits at END of the clean (or ``corrupt``) prompts, computed in batches."""
+def final_normed(
+    model: Model, ids: Int[Tensor, "batch pos"], hooks: list | None = None,
+    positions: Int[Tensor, " batch"] | None = None, **kwargs,
+) -> Float[Tensor, "batch d_model"]:
+    """The final-norm output at each row's ``positions`` (default: the last column), from a run with ``hooks``,
+    stopped before the unembedding: the largest matrix of a small model, needed only at END (see
+    :func:`unembed`). ``kwargs`` go to ``run_with_hooks`` (e.g. ``past_key_values``)."""
+    grabbed = {}
+
+    def grab(x, hook):
+        rows = torch.arange(x.shape[0])
+        grabbed["x"] = (x[:, -1] if positions is None else x[rows, positions]).clone()
+        raise _Stop
+
+    try:
+        model.bridge.run_with_hooks(ids, fwd_hooks=[*(hooks or []), ("ln_final.hook_out", grab)], **kwargs)
+    except _Stop:
+        pass
+    return grabbed["x"]
+
+
+def unembed(
+    model: Model, normed: Float[Tensor, "batch d_model"], columns: Int[Tensor, "batch k"] | None = None
+) -> Float[Tensor, "batch k"]:
+    """Logits from the final-norm output: all of them, or only ``columns`` per row; the model's final logit
+    soft-capping is applied if it has one (so this equals the model's own logits)."""
+    W_U, b_U = model.bridge.W_U.detach(), model.bridge.b_U.detach()
+    if columns is None:
+        logits = normed @ W_U + b_U
+    else:
+        logits = torch.einsum("bd,dbk->bk", normed, W_U[:, columns]) + b_U[columns]
+    cap = getattr(model.bridge.original_model.config, "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+@torch.no_grad()
+def end_logits(
+    model: Model, data: TaskData, which: str = "clean", batch_size: int = 32, hooks_for: HooksFor | None = None
+) -> Float[Tensor, "batch vocab"]:
+    """Logits at END of the clean (or ``corrupt``) prompts, computed in batches (unembedding END only);
+    ``hooks_for(start, stop)`` gives forward hooks for each batch (an intervention, see
+    :mod:`headcircuits.interventions`)."""
     tokens = data.clean if which == "clean" else data.corrupt
     # END of the counterfactual prompts is their own last token (they may differ in length from the clean ones)
     ends = data.positions["END"] if which == "clean" else tokens.last
@@ -41,7 +90,8 @@ def end_logits(model: Model, data: TaskData, which: str = "clean", batch_size: i
     for start in range(0, tokens.ids.shape[0], batch_size):
         stop = start + batch_size
         ids = tokens.ids[start:stop, : int(tokens.lengths[start:stop].max())]
-        out.append(logits_at(model.logits(ids), ends[start:stop]))
+        hooks = [] if hooks_for is None else hooks_for(start, min(stop, len(data)))
+        out.append(unembed(model, final_normed(model, ids, hooks, ends[start:stop])))
     return torch.cat(out)
 
 
@@ -51,7 +101,7 @@ def candidate_logits(end_logits: Float[Tensor, "batch vocab"], candidates: Int[T
     return picked.masked_fill(candidates < 0, float("-inf"))
 
 
-def evaluate(model: Model, data: TaskData, batch_size: int = 32) -> pd.DataFrame:
+def evaluate(model: Model, data: TaskData, batch_size: int = 32, hooks_for: HooksFor | None = None) -> pd.DataFrame:
     """One row per clean prompt, joined with its metadata:
 
     * ``logit_diff``: logit(answer) - logit(distractor) at END (the dataset's distractor: IOI's S, the
@@ -61,8 +111,10 @@ def evaluate(model: Model, data: TaskData, batch_size: int = 32) -> pd.DataFrame
     * ``candidate_correct``: the answer is the top token among the listed candidates;
     * ``beats_distractor``: ``logit_diff > 0``; ``prediction``: the model's top token; ``candidate_choice``: the
       index of the candidate it prefers (for "which wrong item does it pick?").
+
+    ``hooks_for`` runs the prompts under an intervention (see :func:`end_logits`).
     """
-    logits = end_logits(model, data, batch_size=batch_size)
+    logits = end_logits(model, data, batch_size=batch_size, hooks_for=hooks_for)
     ld = logit_difference(logits, data.answer, data.distractor)
     top = logits.argmax(-1)
     cands = data.candidates if data.candidates is not None else torch.stack([data.answer, data.distractor], 1)

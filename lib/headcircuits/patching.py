@@ -17,7 +17,7 @@ Path patching measures a *sender* head's effect on a set of *receivers* through 
 3. for q / k / v receivers, run the clean prompts once more with only those inputs replaced, and read LD.
 
 Two implementations compute the same numbers: the *reference* (:func:`path_patch_ld`), a plain loop over senders
-that follows those steps literally, and the *fast* one (:func:`path_patch_fast_ld`, receivers read at END), which
+that follows those steps literally, and the *fast* one (:func:`path_patch_fast_ld`, any receivers), which
 exploits that frozen heads move no information between positions (see its docstring).
 On grouped-K/V models (SmolLM2, Gemma) a k or v receiver is the shared K/V head of the receiver's group, so
 every query head of that group sees the patch.
@@ -25,6 +25,7 @@ every query head of that group sees the patch.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -32,7 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headcircuits.metrics import logit_difference, logits_at
+from headcircuits.metrics import final_normed, logit_difference, logits_at, unembed
 from headcircuits.models.core import Model
 from headcircuits.progress import tqdm
 from headcircuits.tasks.base import TaskData
@@ -260,8 +261,8 @@ def path_patch(
     cache: bool = False,
 ) -> Float[Tensor, "layer head"]:
     """Normalised path-patching effect of every sender on the receivers, as a [layer, head] table (NaN for heads
-    that are not senders). See the module docstring for the three steps. ``method='fast'`` (receivers read at END)
-    and ``'reference'`` (any receivers; the paper's loop) compute the same numbers. ``cache=True`` keeps the
+    that are not senders). See the module docstring for the three steps. ``method='fast'`` and ``'reference'`` (the paper's
+    loop) compute the same numbers. ``cache=True`` keeps the
     table on disk (headcircuits.cache), keyed by the model, the prompts and every parameter."""
 
     def compute() -> Tensor:
@@ -284,10 +285,10 @@ def path_patch(
 
 # --- the fast implementation ----------------------------------------------------------------------------------------
 
-def _end_groups(data: TaskData) -> dict[int, Tensor]:
-    """Prompt indices grouped by their END position (prompts of one group share a KV-cache length)."""
-    ends = data.positions["END"]
-    return {int(e): (ends == e).nonzero().flatten() for e in torch.unique(ends)}
+def _two_logit_difference(model: Model, normed: Tensor, answer: Tensor, distractor: Tensor) -> Tensor:
+    """logit(answer) - logit(distractor) from the final-norm output, two columns of the unembedding only."""
+    both = unembed(model, normed, torch.stack([answer, distractor], 1))
+    return both[:, 0] - both[:, 1]
 
 
 @torch.no_grad()
@@ -301,46 +302,41 @@ def path_patch_fast_ld(
     sender_position: str | None = None,
     base: Baseline | None = None,
     chunk: int = 64,
+    max_rows: int = 256,
     progress: bool = True,
 ) -> tuple[dict[Head, Tensor], Baseline]:
-    """Path patching, the same experiment as :func:`path_patch_ld`, computed at the END token only.
+    """Path patching, the same experiment as :func:`path_patch_ld`, computed on as few tokens and layers as
+    possible.
 
-    Why that is exact for receivers read at END (the logits, or receiver queries at END): in step 2 every head
-    is frozen, so no information moves between positions; the residual stream at END depends only on the frozen
-    head outputs at END and on per-position MLPs and norms. Step 2 is therefore a one-token forward pass whose
-    block-0 input is the clean residual at END and whose heads output their frozen END values. In step 3 only the
-    receivers' queries at END change, so every earlier position is the clean run: a one-token forward pass over
-    the clean prefix's key/value cache. Senders are batched (``chunk`` at a time) and prompts are grouped by
-    their END position for step 3 (one cache length per group). Agreement with the reference is tested to 1e-4.
+    Why that is exact. In step 2 every head is frozen, so no information moves between positions: the residual
+    stream at the receivers' position P (END for the logits) depends only on the frozen head outputs at P and on
+    per-position MLPs and norms. Step 2 is therefore a one-token forward pass per (prompt, sender) whose block-0
+    input is the clean residual at P and whose heads output their frozen values at P (``chunk`` senders per
+    pass). In step 3 only the receivers' inputs at P change, so every position before P, and every layer below
+    the lowest receiver at every position, is the clean run: per prompt, a pass over its tokens P..END on top of
+    the clean prefix's key/value cache, one copy up to the lowest receiver layer, then widened to one row per
+    sender (at most ``max_rows`` at a time). The unembedding is skipped: the logit difference needs two columns.
+    Agreement with the reference is tested on every tiny family for logits and q / k / v receivers.
     """
-    if receivers.kind not in ("logits", "q") or receivers.position != "END":
-        raise ValueError(
-            f"the fast path covers receivers read at END (logits, or q at END); for {receivers.kind} receivers at "
-            f"{receivers.position} use the reference implementation (path_patch(..., method='reference'))"
-        )
-    import copy
-
     base = base or baseline(model, data)
     L, H = model.facts.n_layers, model.facts.n_heads
     senders = senders if senders is not None else receivers.senders(L, H)
-    B = len(data)
-    ends = data.positions["END"]
+    B, S_all = len(data), len(senders)
     every = torch.arange(B)
-    take = lambda t: t[every, ends]  # noqa: E731  each prompt's value at its END: [B, ...]
+    where = data.positions["END" if receivers.kind == "logits" else receivers.position]  # P per prompt
+    take = lambda t: t[every, where]  # noqa: E731  each prompt's value at P: [B, ...]
     resid0 = take(base.resid0_clean)
     z_clean = [take(z) for z in base.z_clean]
     z_corrupt = [take(z) for z in base.z_corrupt]
     mlp_clean = [take(m) for m in base.mlp_clean]
     sender_on = take(_position_mask(data, sender_position, tuple(data.clean.ids.shape)))  # [B]
-    end_ids = take(data.clean.ids)[:, None]  # [B, 1]
-    groups = _end_groups(data)
-    prefix_caches = {}
-    if receivers.kind == "q":  # the clean prefix of each END-length group, for step 3
-        for end, rows in groups.items():
-            _, prefix_caches[end] = model.bridge(data.clean.ids[rows, :end], return_type="logits_and_cache")
-    out = {s: torch.zeros(B) for s in senders}
-    chunks = [senders[i : i + chunk] for i in range(0, len(senders), chunk)]
-    for group in tqdm(chunks, desc="path patching (fast)", disable=not progress, leave=False):
+    token_ids = take(data.clean.ids)[:, None]  # [B, 1]
+    ld = torch.zeros(B, S_all, dtype=base.ld_clean.dtype)
+    recorded: dict[int, list[Tensor]] = {layer: [] for layer in receivers.layers}  # per chunk [B, S, heads, d]
+    chunks = [senders[i : i + chunk] for i in range(0, S_all, chunk)]
+    bar = tqdm(total=len(chunks) + (0 if receivers.kind == "logits" else B), desc="path patching (fast)",
+               disable=not progress, leave=False)
+    for c, group in enumerate(chunks):
         S = len(group)
         rep = lambda t: t.repeat_interleave(S, dim=0)  # noqa: E731  row b*S + s: prompt b, sender s
 
@@ -357,39 +353,69 @@ def path_patch_fast_ld(
         hooks += [(_z(l), lambda z, hook, l=l: freeze(z, hook, l)) for l in range(L)]
         if freeze_mlps:
             hooks += [(_mlp(l), lambda x, hook, l=l: rep(mlp_clean[l])[:, None]) for l in range(L)]
-        recorded: dict[int, Tensor] = {}
-        for layer in receivers.layers:
-            def record(x, hook, layer=layer):
-                recorded[layer] = x.clone()
+        if receivers.kind == "logits":
+            normed = final_normed(model, rep(token_ids), hooks)
+            ld[:, c * chunk : c * chunk + S] = _two_logit_difference(
+                model, normed, rep(data.answer), rep(data.distractor)).reshape(B, S)
+        else:
+            for layer in receivers.layers:
+                def record(x, hook, layer=layer, S=S):
+                    recorded[layer].append(x[:, -1].reshape(B, S, *x.shape[2:]).clone())
+                    return x
+
+                hooks.append((_receiver_hook_name(receivers.kind, layer), record))
+            # only the receivers' inputs are needed: stop after their last layer
+            model.bridge.run_with_hooks(rep(token_ids), fwd_hooks=hooks, stop_at_layer=max(receivers.layers) + 1)
+        bar.update()
+    if receivers.kind != "logits":
+        inputs = {layer: torch.cat(parts, dim=1) for layer, parts in recorded.items()}  # [B, S_all, heads, d]
+        for b in range(B):
+            ld[b] = _step3_one_prompt(model, data, receivers, inputs, b, int(where[b]), max_rows)
+            bar.update()
+    bar.close()
+    return {sender: ld[:, s] for s, sender in enumerate(senders)}, base
+
+
+def _step3_one_prompt(
+    model: Model, data: TaskData, receivers: Receivers, inputs: dict[int, Tensor], b: int, p: int, max_rows: int
+) -> Float[Tensor, " sender"]:
+    """Step 3 of the fast path for prompt ``b`` with receiver position ``p``: tokens p..END over the clean
+    prefix's cache; one row up to the lowest receiver layer, then one row per sender with the receivers' inputs
+    at p replaced by the recorded ones."""
+    group_size = model.facts.kv_group_size
+    per_layer = {
+        layer: sorted({h // group_size for l, h in receivers.heads if l == layer})
+        if receivers.kind in ("k", "v") else [h for l, h in receivers.heads if l == layer]
+        for layer in receivers.layers
+    }
+    low = min(receivers.layers)
+    end = int(data.positions["END"][b])
+    tail = data.clean.ids[b : b + 1, p : end + 1]  # [1, T]
+    prefix = None
+    if p > 0:
+        _, prefix = model.bridge(data.clean.ids[b : b + 1, :p], return_type="logits_and_cache")
+    S_all = next(iter(inputs.values())).shape[1]
+    out = torch.zeros(S_all, dtype=next(iter(inputs.values())).dtype)
+    for s0 in range(0, S_all, max_rows):
+        s1 = min(S_all, s0 + max_rows)
+        n = s1 - s0
+        hooks: list[tuple[str, Callable]] = [(f"blocks.{low}.hook_resid_pre", lambda x, hook: x.repeat_interleave(n, 0))]
+        for layer, heads in per_layer.items():
+            def patch(x, hook, layer=layer, heads=heads):
+                x = x.clone()
+                x[:, 0, heads] = inputs[layer][b, s0:s1][:, heads]
                 return x
 
-            hooks.append((_receiver_hook_name("q", layer), record))
-        if receivers.kind == "logits":
-            logits = model.bridge.run_with_hooks(rep(end_ids), fwd_hooks=hooks)[:, -1]
-            ld = logit_difference(logits, rep(data.answer), rep(data.distractor)).reshape(B, S)
-        else:  # only the receivers' queries are needed: stop after their last layer (no unembedding either)
-            model.bridge.run_with_hooks(rep(end_ids), fwd_hooks=hooks, stop_at_layer=max(receivers.layers) + 1)
-            ld = torch.zeros(B, S)
-            # step 3, per END-length group: one token over the clean prefix's cache, receivers' queries replaced
-            for end, rows in groups.items():
-                sel = (rows[:, None] * S + torch.arange(S)[None]).flatten()  # this group's rows, b-major
-                patch_hooks = []
-                for layer in receivers.layers:
-                    heads = [h for l, h in receivers.heads if l == layer]
-
-                    def patch(x, hook, layer=layer, heads=heads, sel=sel):
-                        x = x.clone()
-                        x[:, -1, heads] = recorded[layer][sel, -1][:, heads]
-                        return x
-
-                    patch_hooks.append((_receiver_hook_name("q", layer), patch))
-                kv = copy.deepcopy(prefix_caches[end])
-                kv.batch_repeat_interleave(S)
-                logits = model.bridge.run_with_hooks(
-                    end_ids[rows].repeat_interleave(S, dim=0), fwd_hooks=patch_hooks, past_key_values=kv
-                )[:, -1]
-                rows_rep = rows.repeat_interleave(S)
-                ld[rows] = logit_difference(logits, data.answer[rows_rep], data.distractor[rows_rep]).reshape(-1, S)
-        for s, sender in enumerate(group):
-            out[sender] = ld[:, s]
-    return out, base
+            hooks.append((_receiver_hook_name(receivers.kind, layer), patch))
+        kwargs = {}
+        if prefix is not None:  # widen the cache of the layers that run one row per sender
+            kv = copy.deepcopy(prefix)
+            for index, layer_cache in enumerate(kv.layers):
+                if index >= low:
+                    layer_cache.keys = layer_cache.keys.repeat_interleave(n, 0)
+                    layer_cache.values = layer_cache.values.repeat_interleave(n, 0)
+            kwargs["past_key_values"] = kv
+        normed = final_normed(model, tail, hooks, **kwargs)
+        answer, distractor = data.answer[b].expand(n), data.distractor[b].expand(n)
+        out[s0:s1] = _two_logit_difference(model, normed, answer, distractor)
+    return out

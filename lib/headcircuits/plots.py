@@ -77,3 +77,59 @@ def attention_patterns(
         "AttentionPatterns",
         {"tokens": list(str_tokens), "attention": patterns.detach().float().tolist(), "headLabels": list(head_names)},
     )
+
+
+def effect_heatmaps(
+    tables: dict[str, Float[Tensor, "layer head"]],
+    marked: dict[str, Sequence[tuple[int, int]]] | None = None,
+    *,
+    title: str = "",
+    min_layer: int = 0,
+) -> plt.Figure:
+    """One diverging heat map per path-patching stage ([layer, head] normalised effects; NaN = not a sender),
+    layers from ``min_layer`` up, each stage's selected heads outlined. Positive: patching the head moves the
+    model towards its counterfactual behaviour (the head supports the answer); negative: it works against it."""
+    names = list(tables)
+    ncols = 2 if len(names) == 4 else max(1, len(names))
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols + 0.6, 5.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
+        table = tables[name][min_layer:].float()
+        finite = table[~table.isnan()]
+        bound = float(finite.abs().max()) if finite.numel() else 1.0
+        sns.heatmap(table.numpy(), ax=ax, cmap="RdBu_r", center=0.0, vmin=-bound, vmax=bound,
+                    cbar_kws={"shrink": 0.7}, yticklabels=[str(l) for l in range(min_layer, tables[name].shape[0])])
+        for layer, head in (marked or {}).get(name, []):
+            if layer >= min_layer:
+                ax.add_patch(plt.Rectangle((head, layer - min_layer), 1, 1, fill=False, lw=1.6, ec="black"))
+        ax.set(title=name, xlabel="head", ylabel="layer" if ax in axes[:, 0] else "")
+        ax.set_facecolor("#d9d9d9")  # NaN: not a sender in this stage
+        ax.grid(False)
+        ax.tick_params(axis="y", labelsize=7, rotation=0)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def circuit_map(
+    classes: dict[tuple[int, int], str], n_layers: int, n_heads: int, *, title: str = "",
+    reference: dict[tuple[int, int], str] | None = None,
+) -> plt.Figure:
+    """The circuit's heads on the layer x head grid, coloured by behavioural class (``reference``: a second
+    set drawn as open circles, e.g. the heads another task's circuit uses)."""
+    import pandas as pd
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    frame = pd.DataFrame([{"layer": l, "head": h, "class": c} for (l, h), c in sorted(classes.items())])
+    if len(frame):
+        sns.scatterplot(data=frame, x="layer", y="head", hue="class", s=110, ax=ax, zorder=3)
+    if reference:
+        ax.scatter([l for l, _ in reference], [h for _, h in reference], s=260, facecolors="none",
+                   edgecolors="grey", lw=1.2, label="other circuit", zorder=2)
+    ax.set(xlim=(-0.5, n_layers - 0.5), ylim=(-0.5, n_heads - 0.5), title=title)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    return fig

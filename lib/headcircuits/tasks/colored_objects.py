@@ -10,6 +10,10 @@ no colour; "an" before a colour that starts with a vowel; the answer is the colo
 space. Counterfactual: only the queried object word of the final question changes, to another object of the same
 list, and its answer is that object's colour. The format is checked byte for byte against the paper's 1,000
 released prompts (tests/test_tasks_colored_objects.py).
+
+Positions (final question): COLOR_k / OBJ_k (k = 0, 1, 2 in list order), ANSWER_COLOR / ANSWER_OBJ (the queried
+pair), WRONG_COLOR_0 / WRONG_COLOR_1 (the two other colours, in list order: the tokens the repair intervention
+points inhibition heads at), QUERY (the object word in "What color is the ...?", the repeated token) and END.
 """
 
 from __future__ import annotations
@@ -115,8 +119,9 @@ def build(model: Model, pairs: list[tuple[Question, Question, int]], seed: int |
     corrupt = [format_prompt(s, replace(q, asked=cf)) for s, q, cf in pairs]
     tokens, cf_tokens = model.to_tokens(clean), model.to_tokens(corrupt)
     answer, distractor, candidates, rows = [], [], [], []
-    positions: dict[str, list[int]] = {"END": [], "QUERY": [], "ANSWER_COLOR": [],
-                                       **{f"{kind}_{k}": [] for kind in ("COLOR", "OBJ") for k in range(N_OBJECTS)}}
+    positions: dict[str, list[int]] = {"END": [], "QUERY": [], "ANSWER_COLOR": [], "ANSWER_OBJ": [],
+                                       **{f"{kind}_{k}": [] for kind in ("COLOR", "OBJ") for k in range(N_OBJECTS)},
+                                       **{f"WRONG_COLOR_{k}": [] for k in range(N_OBJECTS - 1)}}
     for row, (shot, query, cf) in enumerate(pairs):
         title_ids = [model.single_token_id(" " + c.capitalize()) for c in query.colors]
         answer.append(title_ids[query.asked])
@@ -128,6 +133,10 @@ def build(model: Model, pairs: list[tuple[Question, Question, int]], seed: int |
         asked_id = model.single_token_id(" " + query.objects[query.asked])
         positions["QUERY"].append(locate(tokens, row, asked_id, occurrence=1))
         positions["ANSWER_COLOR"].append(positions[f"COLOR_{query.asked}"][row])
+        positions["ANSWER_OBJ"].append(positions[f"OBJ_{query.asked}"][row])
+        wrong = [k for k in range(N_OBJECTS) if k != query.asked]
+        for j, k in enumerate(wrong):
+            positions[f"WRONG_COLOR_{j}"].append(positions[f"COLOR_{k}"][row])
         positions["END"].append(int(tokens.last[row]))
         rows.append(dict(
             target_position=query.asked, counterfactual_position=cf, shot_position=shot.asked,

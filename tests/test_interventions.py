@@ -1,0 +1,100 @@
+"""Forced attention (the Colored Objects repair) and its controls, on tiny models of each family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headcircuits import interventions, metrics
+from headcircuits.tasks import colored_objects as co
+
+KEYS = ("WRONG_COLOR_0", "WRONG_COLOR_1")
+
+
+@pytest.fixture(scope="module")
+def co_data():
+    cache = {}
+
+    def make(model):
+        if model.name not in cache:
+            cache[model.name] = co.generate(model, 6, seed=0)
+        return cache[model.name]
+
+    return make
+
+
+def test_strength_zero_changes_nothing(tiny, co_data):
+    data = co_data(tiny)
+    forced = interventions.ForcedAttention(((1, 0), (2, 3)), KEYS, strength=0.0)
+    before = metrics.end_logits(tiny, data)
+    after = metrics.end_logits(tiny, data, hooks_for=forced.hooks_for(data))
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+def test_forced_head_reads_exactly_the_mean_value_of_the_keys(tiny, co_data):
+    """With strength 1 the head's output at END is the mean of its value vectors at the two wrong colours, its
+    other positions and the other heads are untouched, and the pattern stays a distribution."""
+    data = co_data(tiny)
+    layer, head = 1, 2
+    forced = interventions.ForcedAttention(((layer, head),), KEYS, strength=1.0)
+    z_name, v_name, p_name = (f"blocks.{layer}.attn.hook_{k}" for k in ("z", "v", "pattern"))
+    _, clean = tiny.bridge.run_with_cache(data.clean.ids, names_filter=lambda n: n in (z_name, v_name))
+    seen = {}
+
+    def record(name):  # hook.name is the canonical alias (hook_z is attn.o.hook_in), so key by our name
+        def hook_fn(x, hook):
+            seen[name] = x.detach().clone()
+            return x
+
+        return hook_fn
+
+    hooks = forced.hooks_for(data)(0, len(data)) + [(p_name, record(p_name)), (z_name, record(z_name))]
+    with torch.no_grad():
+        tiny.bridge.run_with_hooks(data.clean.ids, fwd_hooks=hooks)
+    rows, end = torch.arange(len(data)), data.positions["END"]
+    kv = head // tiny.facts.kv_group_size
+    v = clean[v_name][..., kv, :]  # [batch, pos, d_head]: positions before END are clean, so are their values
+    expected = (v[rows, data.positions[KEYS[0]]] + v[rows, data.positions[KEYS[1]]]) / 2
+    z = seen[z_name]
+    torch.testing.assert_close(z[rows, end, head], expected, rtol=1e-5, atol=1e-6)
+    others = [h for h in range(tiny.facts.n_heads) if h != head]
+    torch.testing.assert_close(z[:, :, others], clean[z_name][:, :, others], rtol=0, atol=1e-6)
+    pattern = seen[p_name][rows, head, end]
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(len(data)))
+
+
+def test_bad_interventions_are_refused_with_the_fix(tiny, co_data):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        interventions.ForcedAttention(((0, 0),), KEYS, strength=1.5)
+    with pytest.raises(KeyError, match="WRONG_COLOUR"):
+        interventions.ForcedAttention(((0, 0),), ("WRONG_COLOUR",)).hooks_for(co_data(tiny))
+
+
+def test_random_heads_are_deterministic_distinct_and_exclude_the_chosen():
+    chosen = {(2, 1), (3, 0)}
+    a = interventions.random_heads(6, 4, 5, exclude=chosen, layers=range(2, 5), seed=3)
+    assert a == interventions.random_heads(6, 4, 5, exclude=chosen, layers=range(2, 5), seed=3)
+    assert len(set(a)) == 5 and not set(a) & chosen and all(2 <= l < 5 for l, _ in a)
+    with pytest.raises(ValueError, match="cannot draw"):
+        interventions.random_heads(2, 2, 5)
+
+
+def test_repair_table_has_the_baseline_the_named_sets_and_the_controls(tiny, co_data):
+    data = co_data(tiny)
+    table = interventions.repair(tiny, data, {"inhibition": ((1, 0), (1, 1)), "negative mover": ((2, 3),)},
+                                 n_controls=3)
+    assert list(table.condition) == ["none", "inhibition", "negative mover"] + ["random 2"] * 3
+    plain = metrics.summarise(metrics.evaluate(tiny, data))
+    assert table.iloc[0].top1_accuracy == plain["top1_accuracy"]
+    assert abs(table.iloc[0].logit_diff_mean - plain["logit_diff_mean"]) < 1e-6
+    assert len(set(table.heads[3:])) > 1  # different random draws
+
+
+def test_attention_under_reports_the_forced_pattern(tiny, co_data):
+    data = co_data(tiny)
+    forced = interventions.ForcedAttention(((1, 2),), KEYS)
+    att = interventions.attention_under(tiny, data, [(1, 2), (2, 0)], "END", list(KEYS) + ["ANSWER_COLOR"], forced)
+    torch.testing.assert_close(att[0], torch.tensor([0.5, 0.5, 0.0]))
+    plain = interventions.attention_under(tiny, data, [(2, 0)], "END", ["ANSWER_COLOR"])
+    reference = metrics.attention_between(tiny, data, "END", "ANSWER_COLOR")[2, 0]
+    assert abs(float(plain[0, 0]) - float(reference)) < 1e-6
