@@ -98,3 +98,81 @@ def test_attention_under_reports_the_forced_pattern(tiny, co_data):
     plain = interventions.attention_under(tiny, data, [(2, 0)], "END", ["ANSWER_COLOR"])
     reference = metrics.attention_between(tiny, data, "END", "ANSWER_COLOR")[2, 0]
     assert abs(float(plain[0, 0]) - float(reference)) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def weights_for():
+    from headcircuits import svd
+
+    cache = {}
+
+    def make(model):
+        if model.name not in cache:
+            cache[model.name] = svd.from_model(model)
+        return cache[model.name]
+
+    return make
+
+
+def _head_output(model, data, layer, head, hooks):
+    """The head's output z @ W_O (the model's own W_O) at every position, under ``hooks``."""
+    seen = {}
+
+    def record(z, hook):
+        seen["z"] = z[..., head, :].detach().clone()
+        return z
+
+    with torch.no_grad():
+        model.bridge.run_with_hooks(data.clean.ids, fwd_hooks=[*hooks, (f"blocks.{layer}.attn.hook_z", record)],
+                                    stop_at_layer=layer + 1)
+    return seen["z"] @ model.bridge.W_O.detach()[layer, head]
+
+
+def test_ablating_a_component_removes_exactly_that_written_direction(tiny, co_data, weights_for):
+    from headcircuits import svd
+
+    data, w = co_data(tiny), weights_for(tiny)
+    layer, head = 1, 2
+    Vh = svd.head_svd(w.OV[layer, head]).Vh  # [d_head, d_model], orthonormal rows
+    before = _head_output(tiny, data, layer, head, [])
+    after = _head_output(tiny, data, layer, head, interventions.ComponentAblation.of(w, (layer, head), [0]).hooks())
+    centre = (lambda x: x - x.mean(-1, keepdim=True)) if tiny.facts.norm == "layernorm" else (lambda x: x)
+    b, a = centre(before), centre(after)  # what the following (Layer)Norms see
+    torch.testing.assert_close(a @ Vh[0], torch.zeros_like(a @ Vh[0]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(a @ Vh[1:].T, b @ Vh[1:].T, rtol=1e-4, atol=1e-5)  # other components untouched
+    assert float((b @ Vh[0]).abs().max()) > 1e-3  # there was something to remove
+
+
+def test_ablating_no_component_changes_nothing_and_all_components_silence_the_head(tiny, co_data, weights_for):
+    data, w = co_data(tiny), weights_for(tiny)
+    layer, head = 2, 1
+    none = interventions.ComponentAblation.of(w, (layer, head), [])
+    assert none.hooks() == []
+    before = metrics.end_logits(tiny, data)
+    d_head = w.W_V.shape[-1]
+    every = interventions.ComponentAblation.of(w, (layer, head), range(d_head))
+    out = _head_output(tiny, data, layer, head, every.hooks())
+    centred = out - out.mean(-1, keepdim=True) if tiny.facts.norm == "layernorm" else out
+    torch.testing.assert_close(centred, torch.zeros_like(centred), rtol=0, atol=1e-5)
+
+    def silence(z, hook):
+        z = z.clone()
+        z[..., head, :] = 0
+        return z
+
+    if tiny.facts.norm != "layernorm":  # RMSNorm: removing every component is removing the head
+        silenced = metrics.end_logits(tiny, data, hooks_for=lambda a, b: [(f"blocks.{layer}.attn.hook_z", silence)])
+        ablated = metrics.end_logits(tiny, data, hooks_for=lambda a, b: every.hooks())
+        torch.testing.assert_close(ablated, silenced, rtol=1e-4, atol=1e-4)
+        assert float((silenced - before).abs().max()) > 1e-4
+
+
+def test_inhibition_scores_are_zero_for_a_sender_above_the_receiver_and_shaped_per_component(tiny, weights_for):
+    from headcircuits.tasks import ioi
+
+    data = ioi.generate(tiny, 6, seed=0)
+    w = weights_for(tiny)
+    above = interventions.inhibition_scores(tiny, data, w, sender=(2, 0), receiver=(1, 1), components=[0, 1])
+    torch.testing.assert_close(above, torch.zeros(2), rtol=0, atol=1e-7)  # a later head cannot change it
+    below = interventions.inhibition_scores(tiny, data, w, sender=(0, 0), receiver=(2, 1))
+    assert below.shape == (w.W_V.shape[-1],) and float(below.abs().max()) > 0

@@ -159,3 +159,90 @@ def repair(
                                   seed=seed + i)
             run(f"random {size}", chosen)
     return pd.DataFrame(rows)
+
+
+# --- ablating SVD components of a head's output (Talking Heads) ------------------------------------------------------
+
+@dataclass(frozen=True)
+class ComponentAblation:
+    """Remove rank-1 SVD components of one head's OV circuit from its output (Talking Heads' ablation).
+
+    With the sender's processed OV = W_V W_O = U diag(S) Vh (:func:`headcircuits.svd.head_svd`), component k writes
+    along the row ``Vh[k]``. Ablating it projects the head's output off that direction, at every position:
+    ``out' = out - (out . Vh[k]) Vh[k]`` (several components: off their span, the rows being orthonormal). It is
+    done on the head's ``z`` so the rest of the model runs unchanged: with ``c_k = Vh[k] W_O^+`` (``Vh[k]`` lies
+    in W_O's row space), ``z' = z - (z W_O Vh[k]^T) c_k`` gives exactly ``z' W_O = out'``. On LayerNorm models the
+    processed W_O is centred; the raw output differs from it by a multiple of the all-ones vector, which every
+    following LayerNorm removes, so the ablation is the same as seen by the rest of the model.
+    """
+
+    layer: int
+    head: int
+    directions: Float[Tensor, "k d_model"]  # orthonormal rows: the written directions to remove
+    W_O: Float[Tensor, "d_head d_model"]  # the (processed) W_O the directions belong to
+
+    @classmethod
+    def of(cls, weights, sender: Head, components) -> "ComponentAblation":
+        """Ablation of ``components`` (indices, by decreasing singular value) of ``sender``'s OV in ``weights``
+        (a :class:`headcircuits.svd.HeadWeights`)."""
+        from headcircuits.svd import head_svd
+
+        layer, head = sender
+        svd = head_svd(weights.OV[layer, head])
+        index = torch.as_tensor(list(components), dtype=torch.long)
+        return cls(layer, head, svd.Vh[index], weights.W_O[layer, head])
+
+    def hooks(self) -> list:
+        """Forward hooks (on ``hook_z``) that apply the ablation."""
+        if len(self.directions) == 0:
+            return []
+        read = self.W_O @ self.directions.T  # [d_head, k]: z . read[:, j] = out . direction_j
+        back = self.directions @ torch.linalg.pinv(self.W_O)  # [k, d_head]: back[j] @ W_O = direction_j
+
+        def ablate(z, hook):
+            z = z.clone()
+            zh = z[..., self.head, :]
+            z[..., self.head, :] = zh - (zh @ read.to(z.dtype)) @ back.to(z.dtype)
+            return z
+
+        return [(f"blocks.{self.layer}.attn.hook_z", ablate)]
+
+
+@torch.no_grad()
+def attention_contrast(
+    model: Model, data: TaskData, receiver: Head, repeated: str = "S2", answer: str = "IO", query: str = "END",
+    hooks: list | None = None,
+) -> Float[Tensor, " batch"]:
+    """The receiver's attention from ``query`` to the ``repeated`` token minus its attention to the ``answer``
+    token, per prompt (IOI movers: negative when they attend to IO rather than S2)."""
+    layer, head = receiver
+    seen = {}
+
+    def record(pattern, hook):
+        seen["p"] = pattern[:, head].detach().clone()
+        return pattern
+
+    ids = data.clean.ids
+    model.bridge.run_with_hooks(ids, fwd_hooks=[*(hooks or []), (f"blocks.{layer}.attn.hook_pattern", record)],
+                                stop_at_layer=layer + 1)
+    rows, q = torch.arange(len(data)), data.positions[query]
+    p = seen["p"]
+    return p[rows, q, data.positions[repeated]] - p[rows, q, data.positions[answer]]
+
+
+def inhibition_scores(
+    model: Model, data: TaskData, weights, sender: Head, receiver: Head, components=None,
+    repeated: str = "S2", answer: str = "IO",
+) -> Float[Tensor, " component"]:
+    """Talking Heads' data-based inhibition score of each SVD component of ``sender``'s OV on ``receiver``: how
+    much ablating the component raises the receiver's attention to the repeated token relative to the answer
+    at END (mean over prompts of the change in ``attention_contrast``). Positive: the component makes the
+    receiver look away from the repeated token, i.e. it inhibits it. ``components`` default: all d_head."""
+    base = attention_contrast(model, data, receiver, repeated, answer).mean()
+    if components is None:
+        components = range(weights.W_V.shape[-1])
+    out = []
+    for k in components:
+        ablation = ComponentAblation.of(weights, sender, [k])
+        out.append(attention_contrast(model, data, receiver, repeated, answer, hooks=ablation.hooks()).mean() - base)
+    return torch.stack(out)
