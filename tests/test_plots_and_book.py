@@ -84,6 +84,8 @@ def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     assert "12 ABC prompts" in circuit_page and "circuits-vis-" in circuit_page
     reuse_page = (html / "book" / "notebooks" / "04_circuit_reuse.html").read_text()
     assert "Colored Objects circuit heads are in the IOI circuit" in reuse_page
+    channels_page = (html / "book" / "notebooks" / "05_inhibition_channels.html").read_text()
+    assert "positional subspace" in channels_page and "gemma-3-270m" in channels_page
 
 
 def test_the_book_environment_silences_progress_bars_even_when_a_caller_asks_for_them(monkeypatch, capsys):

@@ -108,6 +108,22 @@ def test_random_baseline_is_deterministic_and_small():
     assert torch.equal(a, b) and a.shape == (50,) and (a > 0).all() and (a < 1).all()
 
 
+@pytest.mark.parametrize("kind", ["Q", "K", "V"])
+def test_random_baseline_matches_dense_products_of_the_same_draws(kind):
+    d_model, d_head, n = 24, 4, 5
+    fast = svd.random_baseline(d_model, d_head, kind, n_samples=n, seed=7, chunk=2)
+    gen = torch.Generator().manual_seed(7)
+    dense = []
+    for size in (2, 2, 1):  # the same draws, chunk by chunk
+        g = lambda *shape: torch.randn(size, *shape, generator=gen)  # noqa: E731
+        sender = g(d_model, d_head) @ g(d_head, d_model)
+        receiver = g(d_model, d_head) @ g(d_head, d_model)
+        receiver = receiver.transpose(-1, -2) if kind == "K" else receiver
+        fro = lambda m: torch.linalg.matrix_norm(m)  # noqa: E731
+        dense.append(fro(sender @ receiver) / (fro(sender) * fro(receiver)))
+    torch.testing.assert_close(fast, torch.cat(dense), rtol=1e-4, atol=1e-6)
+
+
 # --- GPT-2 small's real weights (the paper's model) -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -142,3 +158,12 @@ def test_gpt2_s_inhibition_heads_compose_with_name_movers_queries(gpt2):
             mask[layer, head] = True
         assert (col[mask] > chance).all()
         assert col[mask].mean() > col[~mask].mean()
+
+
+def test_gpt2_weights_are_found_where_given_and_reported_absent_otherwise(tmp_path, monkeypatch):
+    monkeypatch.delenv("HEADCIRCUITS_GPT2_ATTENTION", raising=False)
+    assert svd.find_gpt2_small_attention(tmp_path / "nowhere") is None
+    (tmp_path / "gpt2_small_attention.npz").write_bytes(b"")
+    assert svd.find_gpt2_small_attention(tmp_path) == tmp_path
+    monkeypatch.setenv("HEADCIRCUITS_GPT2_ATTENTION", str(tmp_path))
+    assert svd.find_gpt2_small_attention() == tmp_path

@@ -71,3 +71,21 @@ def test_subset_keeps_prompts_aligned(tiny):
     assert part.clean_text == [data.clean_text[5], data.clean_text[1]]
     assert torch.equal(part.answer, data.answer[[5, 1]])
     assert list(part.meta.list_length) == [data.meta.list_length[5], data.meta.list_length[1]]
+
+
+def test_split_parts_are_disjoint_cover_everything_and_every_length(tiny):
+    """The split that chooses an intervention's scale never overlaps the held-out part it is reported on."""
+    data = ll.generate(tiny, 10, seed=0, lengths=[2, 3, 5])
+    key = lambda d: list(zip(d.clean_text, d.meta.target_position, d.meta.list_length))  # noqa: E731
+    assert len(set(key(data))) == len(data)  # prompts are distinguishable, so overlap would show
+    choose, held_out = data.split(0.5, seed=3, by="list_length")
+    assert not set(key(choose)) & set(key(held_out))
+    assert sorted(key(choose) + key(held_out)) == sorted(key(data))
+    for part in (choose, held_out):
+        assert sorted(part.meta.list_length.unique()) == [2, 3, 5]
+        assert (part.meta.list_length.value_counts() == 5).all()
+    again = data.split(0.5, seed=3, by="list_length")[0]
+    assert key(again) == key(choose)  # same seed, same split
+    assert key(data.split(0.5, seed=4, by="list_length")[0]) != key(choose)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        data.split(1.0)

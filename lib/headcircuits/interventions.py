@@ -174,38 +174,58 @@ class ComponentAblation:
     in W_O's row space), ``z' = z - (z W_O Vh[k]^T) c_k`` gives exactly ``z' W_O = out'``. On LayerNorm models the
     processed W_O is centred; the raw output differs from it by a multiple of the all-ones vector, which every
     following LayerNorm removes, so the ablation is the same as seen by the rest of the model.
+
+    ``scale`` generalises the ablation to a **weight edit** (Talking Heads' intervention on the channel):
+    ``out' = out - (1 - scale) (out . Vh[k]) Vh[k]`` multiplies the components by ``scale`` (0 removes them, 1
+    changes nothing, 2 doubles them, -1 flips them). It is linear in ``z``, so it is the same as running the
+    model with W_O replaced by :meth:`edited_W_O`, once, for every prompt and position.
     """
 
     layer: int
     head: int
-    directions: Float[Tensor, "k d_model"]  # orthonormal rows: the written directions to remove
+    directions: Float[Tensor, "k d_model"]  # orthonormal rows: the written directions to rescale
     W_O: Float[Tensor, "d_head d_model"]  # the (processed) W_O the directions belong to
+    scale: float = 0.0
 
     @classmethod
-    def of(cls, weights, sender: Head, components) -> "ComponentAblation":
-        """Ablation of ``components`` (indices, by decreasing singular value) of ``sender``'s OV in ``weights``
-        (a :class:`headcircuits.svd.HeadWeights`)."""
+    def of(cls, weights, sender: Head, components, scale: float = 0.0) -> "ComponentAblation":
+        """Ablation (or, with ``scale``, rescaling) of ``components`` (indices, by decreasing singular value) of
+        ``sender``'s OV in ``weights`` (a :class:`headcircuits.svd.HeadWeights`)."""
         from headcircuits.svd import head_svd
 
         layer, head = sender
         svd = head_svd(weights.OV[layer, head])
         index = torch.as_tensor(list(components), dtype=torch.long)
-        return cls(layer, head, svd.Vh[index], weights.W_O[layer, head])
+        return cls(layer, head, svd.Vh[index], weights.W_O[layer, head], scale)
 
-    def hooks(self) -> list:
-        """Forward hooks (on ``hook_z``) that apply the ablation."""
-        if len(self.directions) == 0:
-            return []
+    def _maps(self) -> tuple[Tensor, Tensor]:
         read = self.W_O @ self.directions.T  # [d_head, k]: z . read[:, j] = out . direction_j
         back = self.directions @ torch.linalg.pinv(self.W_O)  # [k, d_head]: back[j] @ W_O = direction_j
+        return read, back
+
+    def edited_W_O(self) -> Float[Tensor, "d_head d_model"]:
+        """The head's W_O with the components rescaled: ``W_O - (1 - scale) (W_O Vh^T) Vh``."""
+        return self.W_O - (1 - self.scale) * (self.W_O @ self.directions.T) @ self.directions
+
+    def hooks(self) -> list:
+        """Forward hooks (on ``hook_z``) that apply the ablation / edit (none if it changes nothing)."""
+        if len(self.directions) == 0 or self.scale == 1:
+            return []
+        read, back = self._maps()
+        factor = 1 - self.scale
 
         def ablate(z, hook):
             z = z.clone()
             zh = z[..., self.head, :]
-            z[..., self.head, :] = zh - (zh @ read.to(z.dtype)) @ back.to(z.dtype)
+            z[..., self.head, :] = zh - factor * (zh @ read.to(z.dtype)) @ back.to(z.dtype)
             return z
 
         return [(f"blocks.{self.layer}.attn.hook_z", ablate)]
+
+
+def edit_hooks(edits: list[ComponentAblation]) -> list:
+    """The hooks of several component edits (one hook per edit; edits of one layer compose in order)."""
+    return [hook for edit in edits for hook in edit.hooks()]
 
 
 @torch.no_grad()

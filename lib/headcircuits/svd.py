@@ -122,6 +122,23 @@ def from_model(model: Model, *, fold_norm: bool = True, center: bool | None = No
     return HeadWeights(*parts, description=notes)
 
 
+def find_gpt2_small_attention(path: str | Path | None = None) -> Path | None:
+    """Where GPT-2 small's attention weights are, if anywhere: ``path`` if given, else ``$HEADCIRCUITS_GPT2_ATTENTION``,
+    else a developer checkout's ``../shared/gpt2-small-attention``. ``None`` when none of them exists (readers of
+    the book usually do not have the file; with internet, ``from_model(load_model("gpt2-small"))`` gives the same
+    weights)."""
+    import os
+
+    candidates = [path] if path else [os.environ.get("HEADCIRCUITS_GPT2_ATTENTION"),
+                                       Path(__file__).resolve().parents[3] / "shared" / "gpt2-small-attention"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "gpt2_small_attention.npz").is_file():
+            return Path(candidate)
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
 def load_gpt2_small_attention(path: str | Path, *, fold_norm: bool = True, center: bool = True) -> HeadWeights:
     """GPT-2 small's real attention weights from the ``gpt2_small_attention.npz`` layout (TransformerLens state
     dict before processing), processed like TransformerLens' default ``HookedTransformer``."""
@@ -215,10 +232,12 @@ def random_baseline(
     for start in range(0, n_samples, chunk):
         n = min(chunk, n_samples - start)
         g = lambda *shape: torch.randn(n, *shape, generator=gen)  # noqa: E731
-        sender = FactoredMatrix(g(d_model, d_head), g(d_head, d_model))
-        receiver = FactoredMatrix(g(d_model, d_head), g(d_head, d_model))
-        B = receiver.T if kind == "K" else receiver
-        out.append((sender @ B).norm() / (sender.norm() * B.norm()))
+        A1, B1, A2, B2 = g(d_model, d_head), g(d_head, d_model), g(d_model, d_head), g(d_head, d_model)
+        if kind == "K":  # the receiver's QK transposed
+            A2, B2 = B2.transpose(-1, -2), A2.transpose(-1, -2)
+        # ||A1 B1 A2 B2||_F through d_head x d_head roots, as in composition_scores (no SVD of d_model matrices)
+        core = _gram_root(A1) @ (B1 @ A2) @ _gram_root(B2.transpose(-1, -2)).transpose(-1, -2)
+        out.append(torch.linalg.matrix_norm(core) / (frobenius(A1, B1) * frobenius(A2, B2)))
     return torch.cat(out)
 
 

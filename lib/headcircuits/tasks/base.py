@@ -78,6 +78,23 @@ class TaskData:
             corrupt_answer=None if self.corrupt_answer is None else self.corrupt_answer[idx],
         )
 
+    def split(self, fraction: float = 0.5, seed: int = 0, by: str | None = None) -> tuple["TaskData", "TaskData"]:
+        """Two disjoint parts (e.g. one to choose an intervention's scale, one held out to report it): a random
+        ``fraction`` of the prompts and the rest, deterministic in ``seed``. With ``by`` (a ``meta`` column such
+        as ``list_length``), each value is split separately, so both parts cover every value."""
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be strictly between 0 and 1, not {fraction}")
+        gen = torch.Generator().manual_seed(seed)
+        groups = [list(range(len(self)))] if by is None else [
+            list(map(int, idx)) for idx in self.meta.groupby(by, sort=True).indices.values()]
+        first, second = [], []
+        for group in groups:
+            order = [group[i] for i in torch.randperm(len(group), generator=gen).tolist()]
+            cut = max(1, min(len(order) - 1, round(fraction * len(order)))) if len(order) > 1 else len(order)
+            first += order[:cut]
+            second += order[cut:]
+        return self.subset(sorted(first)), self.subset(sorted(second))
+
     def __len__(self) -> int:
         return len(self.clean_text)
 

@@ -1,0 +1,169 @@
+"""Inhibition channels: reading the channel, the positional subspace, shifts along it and weight edits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headcircuits import channels, interventions, metrics, svd
+from headcircuits.tasks import ioi, laundry_list
+
+HEADS = ((1, 2), (2, 0))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cache = {}
+
+    def make(model):
+        if model.name not in cache:
+            w = svd.from_model(model)
+            cache[model.name] = (w, ioi.generate(model, 6, seed=0), channels.Channel.of(w, HEADS, per_head=3))
+        return cache[model.name]
+
+    return make
+
+
+def _outputs(model, data, heads, hooks=()):
+    """Each head's output z @ W_O (processed W_O) at END, under ``hooks``: {head: [batch, d_model]}."""
+    w = svd.from_model(model)
+    layers = sorted({l for l, _ in heads})
+    names = {f"blocks.{l}.attn.hook_z" for l in layers}
+    seen = {}
+
+    def record(z, hook, layer):
+        seen[layer] = z.detach().clone()
+        return z
+
+    with torch.no_grad():
+        model.bridge.run_with_hooks(data.clean.ids, fwd_hooks=[
+            *hooks, *((name, lambda z, hook, l=int(name.split(".")[1]): record(z, hook, l)) for name in names)])
+    rows, end = torch.arange(len(data)), data.positions["END"]
+    return {(l, h): seen[l][rows, end, h] @ w.W_O[l, h] for l, h in heads}
+
+
+def test_coefficients_are_the_heads_outputs_read_along_their_top_components(tiny, setup):
+    w, data, ch = setup(tiny)
+    coef = ch.coefficients(tiny, data, batch_size=4)  # two batches of different padded widths
+    out = _outputs(tiny, data, HEADS)
+    expected = torch.cat([out[h] @ svd.head_svd(w.OV[h]).Vh[:3].T for h in HEADS], dim=-1)
+    assert coef.shape == (len(data), len(HEADS) * 3)
+    torch.testing.assert_close(coef, expected, rtol=1e-4, atol=1e-5)
+    assert ch.labels[:2] == ["1.2 c0", "1.2 c1"]
+
+
+def test_a_shift_adds_exactly_delta_along_the_written_directions_and_scale_zero_changes_nothing(tiny, setup):
+    w, data, _ = setup(tiny)
+    head = (1, 2)
+    ch = channels.Channel.of(w, [head], per_head=3)
+    delta = torch.tensor([0.5, -1.0, 2.0])
+    before = _outputs(tiny, data, [head])[head]
+    shift = channels.ChannelShift(ch, delta)
+    after = _outputs(tiny, data, [head], shift.hooks_for(data)(0, len(data)))[head]
+    centre = (lambda x: x - x.mean(-1, keepdim=True)) if tiny.facts.norm == "layernorm" else (lambda x: x)
+    torch.testing.assert_close(centre(after - before), centre(delta @ ch.directions[0]).expand_as(before),
+                               rtol=1e-4, atol=1e-5)
+    zero = channels.ChannelShift(ch, delta, scale=0.0)
+    assert zero.hooks_for(data)(0, len(data)) == []
+    plain = metrics.end_logits(tiny, data)
+    torch.testing.assert_close(metrics.end_logits(tiny, data, hooks_for=zero.hooks_for(data)), plain, rtol=0, atol=0)
+    nothing = channels.ChannelShift(ch, torch.zeros(3))
+    torch.testing.assert_close(metrics.end_logits(tiny, data, hooks_for=nothing.hooks_for(data)), plain,
+                               rtol=0, atol=1e-5)
+    moved = metrics.end_logits(tiny, data, hooks_for=shift.hooks_for(data))
+    assert float((moved - plain).abs().max()) > 1e-4
+
+
+def test_per_prompt_shifts_and_wrong_sizes(tiny, setup):
+    w, data, ch = setup(tiny)
+    per_prompt = torch.zeros(len(data), len(HEADS) * 3)
+    per_prompt[0, 0] = 3.0  # only the first prompt moves
+    shift = channels.ChannelShift(ch, per_prompt)
+    plain = metrics.end_logits(tiny, data)
+    moved = metrics.end_logits(tiny, data, hooks_for=shift.hooks_for(data), batch_size=4)
+    torch.testing.assert_close(moved[1:], plain[1:], rtol=0, atol=1e-5)
+    assert float((moved[0] - plain[0]).abs().max()) > 1e-4
+    with pytest.raises(ValueError, match="one per prompt"):
+        channels.ChannelShift(ch, torch.zeros(len(data) + 1, len(HEADS) * 3)).hooks_for(data)
+
+
+def test_fit_finds_the_axis_along_which_positions_differ():
+    heads = ((0, 0),)
+    ch = channels.Channel(heads=heads, components=((0, 1, 2),), directions=torch.eye(3)[None],
+                          W_O=torch.eye(3)[None], singular_values=torch.ones(1, 3))
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    coef = 0.01 * torch.randn(60, 3, generator=gen)
+    coef[:, 1] += labels.float() * 2.0  # positions differ only along coefficient 1
+    fitted = ch.fit(coef, labels, rank=3)
+    assert fitted.axes.shape == (2, 3)  # at most (number of positions - 1) axes
+    torch.testing.assert_close(fitted.axes @ fitted.axes.T, torch.eye(2), rtol=0, atol=1e-5)
+    assert abs(float(fitted.axes[0, 1])) > 0.999
+    xy = fitted.coords(coef)
+    assert abs(float(torch.corrcoef(torch.stack([xy[:, 0], labels.float()]))[0, 1])) > 0.99
+    line = ch.fit(coef, labels, rank=1)  # the one axis that carries the signal
+    torch.testing.assert_close(line.project(torch.tensor([1.0, 0.0, 0.0])), torch.zeros(3), rtol=0, atol=0.05)
+    torch.testing.assert_close(line.project(torch.tensor([0.0, 1.0, 0.0])).abs(), torch.tensor([0.0, 1.0, 0.0]),
+                               rtol=0, atol=0.05)
+    with pytest.raises(ValueError, match="two answer positions"):
+        ch.fit(coef, torch.zeros(60, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="fit the channel first"):
+        ch.coords(coef)
+
+
+def test_bad_channels_are_refused_with_the_fix(tiny, setup):
+    w, _, _ = setup(tiny)
+    with pytest.raises(ValueError, match="at least one head"):
+        channels.Channel.of(w, [])
+    with pytest.raises(ValueError, match="per_head"):
+        channels.Channel.of(w, HEADS, per_head=10_000)
+
+
+def test_random_like_keeps_each_rows_norm_and_is_deterministic():
+    delta = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0]])
+    r = channels.random_like(delta, seed=1)
+    torch.testing.assert_close(r.norm(dim=-1), delta.norm(dim=-1))
+    torch.testing.assert_close(r, channels.random_like(delta, seed=1), rtol=0, atol=0)
+    assert not torch.allclose(r, channels.random_like(delta, seed=2))
+
+
+def test_weight_edit_scales_the_components_and_equals_the_edited_W_O(tiny, setup):
+    w, data, _ = setup(tiny)
+    head = (2, 0)
+    Vh = svd.head_svd(w.OV[head]).Vh
+    before = _outputs(tiny, data, [head])[head]
+    edit = interventions.ComponentAblation.of(w, head, [0, 2], scale=2.0)
+    after = _outputs(tiny, data, [head], edit.hooks())[head]
+    centre = (lambda x: x - x.mean(-1, keepdim=True)) if tiny.facts.norm == "layernorm" else (lambda x: x)
+    a, b = centre(after), centre(before)
+    torch.testing.assert_close(a @ Vh[[0, 2]].T, 2 * (b @ Vh[[0, 2]].T), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a @ Vh[[1, 3]].T, b @ Vh[[1, 3]].T, rtol=1e-4, atol=1e-5)
+    # the hook is the weight edit: z @ edited W_O == the hooked output
+    z = torch.randn(5, w.W_O.shape[-2], generator=torch.Generator().manual_seed(0))
+    read, back = edit._maps()
+    torch.testing.assert_close(z @ edit.edited_W_O(), (z - (1 - edit.scale) * (z @ read) @ back) @ edit.W_O,
+                               rtol=1e-4, atol=1e-4)
+    assert interventions.ComponentAblation.of(w, head, [0, 2], scale=1.0).hooks() == []
+
+
+def test_the_channel_reads_the_laundry_list_on_every_length(tiny, setup):
+    """Bookkeeping the channel relies on: END and the target position of every prompt, at every length."""
+    w, _, ch = setup(tiny)
+    data = laundry_list.generate(tiny, 4, seed=0, lengths=[2, 3, 5])
+    coef = ch.coefficients(tiny, data)
+    assert coef.shape == (len(data), 6) and torch.isfinite(coef).all()
+    fitted = ch.fit(coef, data.meta.target_position.values, rank=3)
+    assert fitted.axes.shape[0] == 3
+
+
+def test_steering_lands_on_the_target_coordinates(tiny, setup):
+    w, data, ch = setup(tiny)
+    coef = ch.coefficients(tiny, data)
+    labels = [0, 1, 0, 1, 0, 1]
+    fitted = ch.fit(coef, labels, rank=1)
+    means = {0: coef[0], 1: coef[1] + 1.0}
+    delta = channels.steer_to(fitted, coef, means, labels)
+    landed = fitted.coords(coef + delta)
+    torch.testing.assert_close(landed, fitted.coords(torch.stack([means[x] for x in labels])), rtol=1e-4, atol=1e-4)
+    with pytest.raises(KeyError, match="no target mean"):
+        channels.steer_to(fitted, coef, {0: coef[0]}, labels)
