@@ -167,3 +167,14 @@ def test_steering_lands_on_the_target_coordinates(tiny, setup):
     torch.testing.assert_close(landed, fitted.coords(torch.stack([means[x] for x in labels])), rtol=1e-4, atol=1e-4)
     with pytest.raises(KeyError, match="no target mean"):
         channels.steer_to(fitted, coef, {0: coef[0]}, labels)
+
+
+def test_channel_edit_rescales_exactly_the_chosen_components(tiny, setup):
+    w, data, ch = setup(tiny)
+    assert ch.edit(w, [0, 4], scale=1.0) == []
+    hooks = ch.edit(w, [0, 4], scale=0.0)  # component 0 of head 1.2 and component 1 of head 2.0
+    assert [name for name, _ in hooks] == ["blocks.1.attn.hook_z", "blocks.2.attn.hook_z"]
+    by_hand = (interventions.ComponentAblation.of(w, (1, 2), [0]).hooks()
+               + interventions.ComponentAblation.of(w, (2, 0), [1]).hooks())
+    torch.testing.assert_close(metrics.end_logits(tiny, data, hooks_for=lambda a, b: hooks),
+                               metrics.end_logits(tiny, data, hooks_for=lambda a, b: by_hand), rtol=0, atol=0)

@@ -71,7 +71,9 @@ def test_every_notebook_has_a_parameters_cell_and_no_outputs():
 @pytest.mark.slow
 def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     """Every notebook runs with small parameters, the book renders strictly (-W), and no page loads from the net."""
-    html = book.build(ROOT, tmp_path, {"n_prompts": 12, "seed": 1, "n_eval": 24, "n_controls": 2})
+    small = {"n_prompts": 12, "seed": 1, "n_eval": 24, "n_controls": 2, "n_score": 8, "n_fit": 8, "n_per_position": 3,
+             "n_fix": 2}
+    html = book.build(ROOT, tmp_path, small)
     assert (html / "book" / "notebooks" / "01_ioi_behaviour.html").is_file()
     assert (html / "_static" / "vendor" / "circuitsvis.js").is_file()
     assert (html / "_static" / "vendor" / "mathjax" / "tex-chtml.js").is_file()
@@ -86,6 +88,8 @@ def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     assert "Colored Objects circuit heads are in the IOI circuit" in reuse_page
     channels_page = (html / "book" / "notebooks" / "05_inhibition_channels.html").read_text()
     assert "positional subspace" in channels_page and "gemma-3-270m" in channels_page
+    list_page = (html / "book" / "notebooks" / "06_laundry_list.html").read_text()
+    assert "3 prompts per cell" in list_page and "held-out accuracy" in list_page.lower()
 
 
 def test_the_book_environment_silences_progress_bars_even_when_a_caller_asks_for_them(monkeypatch, capsys):

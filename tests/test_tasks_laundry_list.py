@@ -89,3 +89,22 @@ def test_split_parts_are_disjoint_cover_everything_and_every_length(tiny):
     assert key(data.split(0.5, seed=4, by="list_length")[0]) != key(choose)
     with pytest.raises(ValueError, match="between 0 and 1"):
         data.split(1.0)
+
+
+def test_grid_has_every_length_and_position_cell_and_keeps_the_bookkeeping(tiny):
+    data = ll.generate_grid(tiny, 3, lengths=[2, 4, 7], seed=0)
+    counts = data.meta.groupby(["list_length", "target_position"]).size()
+    assert len(counts) == 2 + 4 + 7 and (counts == 3).all()
+    for i, row in enumerate(data.meta.itertuples()):
+        ids = data.clean.ids[i]
+        assert int(data.clean.lengths[i]) == len(tiny.to_tokens(data.clean_text[i]).ids[0])
+        assert int(ids[data.positions["END"][i]]) == int(tiny.to_tokens(data.clean_text[i]).ids[0, -1])
+        assert int(ids[data.positions["ANSWER_ITEM"][i]]) == int(data.answer[i])
+        for k in range(7):
+            assert (int(data.positions[f"ITEM_{k}"][i]) == -1) == (k >= row.list_length)
+        assert int((data.candidates[i] >= 0).sum()) == row.list_length
+    # same prompts as generating that length alone: lengths do not disturb each other
+    alone = ll.generate(tiny, 3 * 4, seed=4, lengths=4)
+    assert data.subset(list(range(6, 18))).clean_text == alone.clean_text
+    with pytest.raises(ValueError, match="at least 1"):
+        ll.generate_grid(tiny, 0, lengths=[2])

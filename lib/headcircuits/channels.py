@@ -160,6 +160,23 @@ class Channel:
             raise RuntimeError("fit the channel first")
         return self.axes.norm(dim=0)
 
+    def top_components(self, n: int) -> list[int]:
+        """The ``n`` coefficient indices that load most on the subspace (the components a weight edit targets)."""
+        return self.loadings().argsort(descending=True)[:n].tolist()
+
+    def edit(self, weights, chosen, scale: float) -> list:
+        """Forward hooks of a weight edit: the components at coefficient indices ``chosen`` are multiplied by
+        ``scale`` inside their heads' OV (:class:`~headcircuits.interventions.ComponentAblation`; 1 = unedited)."""
+        from headcircuits.interventions import ComponentAblation, edit_hooks
+
+        chosen = {int(i) for i in chosen}
+        edits = []
+        for i, head in enumerate(self.heads):
+            comps = [self.components[i][k] for k in range(self.per_head) if i * self.per_head + k in chosen]
+            if comps:
+                edits.append(ComponentAblation.of(weights, head, comps, scale=scale))
+        return edit_hooks(edits)
+
 
 @dataclass(frozen=True)
 class ChannelShift:
@@ -219,15 +236,58 @@ def random_like(delta: Float[Tensor, "... coef"], seed: int = 0) -> Float[Tensor
 
 
 def steer_to(
-    channel: Channel, coefficients: Float[Tensor, "batch coef"], means: dict[int, Tensor], labels,
+    channel: Channel, coefficients: Float[Tensor, "batch coef"], means: dict, labels,
 ) -> Float[Tensor, "batch coef"]:
     """Per-prompt shifts that *set* each prompt's position in the subspace to ``means[label]`` (e.g. the mean signal
     of correctly answered prompts whose answer sits at that position): ``project(means[label_i] - c_i)``. Used with
     :class:`ChannelShift` (``scale`` 1 lands exactly on the target's subspace coordinates). Note that it uses each
     prompt's label: a causal test of what the channel carries, not a fix that could run without the answer."""
-    labels = [int(x) for x in labels]
-    missing = sorted(set(labels) - set(means))
+    labels = list(labels)  # any hashable label, e.g. (list length, answer position)
+    missing = sorted(set(labels) - set(means), key=str)
     if missing:
         raise KeyError(f"no target mean for labels {missing}; compute means for every position (class_means)")
     target = torch.stack([means[x] for x in labels])
     return channel.project(target - coefficients)
+
+
+# --- the whole recipe, as the notebooks run it -------------------------------------------------------------------------
+
+@dataclass
+class Roles:
+    """The heads a model uses for IOI, found on that model (never read off GPT-2's indices).
+
+    ``inhibition``: circuit heads that attend from END to S2 (class *inhibition* of :func:`circuits.classify`);
+    ``movers``: circuit heads whose path-patching effect on the logits is positive (the movers stage)."""
+
+    inhibition: tuple[Head, ...]
+    movers: tuple[Head, ...]
+    circuit: object
+    classes: dict
+
+
+def find_roles(model: Model, n_prompts: int = 32, seed: int = 0, fraction: float = 0.02,
+               min_effect: float = 0.01) -> Roles:
+    """IOI circuit discovery (path patching on ABC prompts, cached on disk) and head classes, as in the chapter
+    *The IOI circuit*; the same parameters give the same (cached) circuit."""
+    from headcircuits import circuits
+    from headcircuits.tasks import ioi
+
+    circuit = circuits.discover(model, ioi.generate(model, n_prompts, seed=seed, counterfactual="abc"),
+                                fraction=fraction, min_effect=min_effect)
+    classes = circuits.classify(model, ioi.generate(model, 64, seed=seed + 1), sorted(circuit.heads))
+    movers = tuple(h for h in circuit.stage("movers") if circuit.tables["movers"][h] > 0)
+    return Roles(circuits.heads_of_class(classes, "inhibition"), movers, circuit, classes)
+
+
+def fit_positional(
+    model: Model, weights, heads, *, lengths=(2, 3, 4, 5), n_per_length: int = 40, seed: int = 10,
+    per_head: int = 8, rank: int = 3,
+) -> Channel:
+    """The channel of ``heads`` with its positional subspace fitted on Laundry List prompts of ``lengths``
+    (``n_per_length`` each, answer positions balanced; each length's mean removed, see :meth:`Channel.fit`)."""
+    from headcircuits.tasks import laundry_list
+
+    fit = laundry_list.generate(model, n_per_length, seed=seed, lengths=list(lengths))
+    channel = Channel.of(weights, heads, per_head=per_head)
+    return channel.fit(channel.coefficients(model, fit), fit.meta.target_position, rank=rank,
+                       groups=fit.meta.list_length)

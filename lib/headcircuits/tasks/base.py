@@ -144,3 +144,43 @@ def pad_candidates(rows: Sequence[Sequence[int]]) -> Int[Tensor, "batch cand"]:
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
     return out
+
+
+def concat(parts: Sequence[TaskData], pad_id: int) -> TaskData:
+    """Several TaskData of one task (e.g. one per list length) as one, re-padded to the longest prompt with
+    ``pad_id`` (``model.pad_id``); per-example positions are unchanged (right padding). A named position that
+    only some parts have (Laundry List's ``ITEM_k`` beyond a shorter list) is -1 in the others, the generators'
+    convention for "not in this prompt"."""
+    if not parts:
+        raise ValueError("nothing to concatenate")
+    if len({p.task for p in parts}) != 1:
+        raise ValueError(f"cannot concatenate different tasks: {sorted({p.task for p in parts})}")
+    names = list(dict.fromkeys(k for p in parts for k in p.positions))
+
+    def tokens(which: str) -> Tokens:
+        batches = [getattr(p, which) for p in parts]
+        width = max(t.ids.shape[1] for t in batches)
+        ids = torch.cat([torch.nn.functional.pad(t.ids, (0, width - t.ids.shape[1]), value=pad_id) for t in batches])
+        return Tokens(ids=ids, lengths=torch.cat([t.lengths for t in batches]))
+
+    def cat_optional(field_name: str):
+        values = [getattr(p, field_name) for p in parts]
+        return None if any(v is None for v in values) else torch.cat(values)
+
+    candidates = None
+    if all(p.candidates is not None for p in parts):
+        candidates = pad_candidates([row[row >= 0].tolist() for p in parts for row in p.candidates])
+    return TaskData(
+        task=parts[0].task,
+        clean_text=[t for p in parts for t in p.clean_text],
+        corrupt_text=[t for p in parts for t in p.corrupt_text],
+        clean=tokens("clean"),
+        corrupt=tokens("corrupt"),
+        answer=torch.cat([p.answer for p in parts]),
+        distractor=torch.cat([p.distractor for p in parts]),
+        positions={k: torch.cat([p.positions.get(k, torch.full((len(p),), -1, dtype=torch.long)) for p in parts])
+                   for k in names},
+        meta=pd.concat([p.meta for p in parts], ignore_index=True),
+        candidates=candidates,
+        corrupt_answer=cat_optional("corrupt_answer"),
+    )

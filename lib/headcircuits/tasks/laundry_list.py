@@ -126,3 +126,25 @@ def generate(
         candidates=cands,
         corrupt_answer=as_index(cf_answer),
     )
+
+
+def generate_grid(
+    model: Model,
+    n_per_position: int,
+    lengths: Sequence[int],
+    seed: int = 0,
+    *,
+    order: Literal["shuffled", "in_order"] = "shuffled",
+    items: Sequence[str] = ITEMS,
+    template: str = TEMPLATE,
+) -> TaskData:
+    """``n_per_position`` prompts for every (list length, answer position) cell: ``n_per_position * N`` prompts of
+    each length N, as one TaskData (each length generated with seed ``seed + N``, so adding a length leaves the
+    others' prompts unchanged)."""
+    from headcircuits.tasks.base import concat
+
+    if n_per_position < 1:
+        raise ValueError(f"n_per_position must be at least 1, not {n_per_position}")
+    parts = [generate(model, n_per_position * n, seed=seed + n, lengths=n, order=order, items=items,
+                      template=template) for n in lengths]
+    return concat(parts, pad_id=model.pad_id)
