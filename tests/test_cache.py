@@ -49,3 +49,22 @@ def test_cached_path_patching_returns_the_same_table(tiny, tmp_path, monkeypatch
     second = patching.path_patch(tiny, data, receivers, [(0, 0), (1, 1)], cache=True, progress=False)
     torch.testing.assert_close(first, second, equal_nan=True)
     assert len(list((tmp_path / "results" / "path_patch").glob("*.pt"))) == 1
+
+
+def test_cached_evaluation_is_keyed_by_the_intervention(tiny, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from headcircuits import channels, metrics, svd
+
+    monkeypatch.setenv("HEADCIRCUITS_CACHE", str(tmp_path))
+    data = ioi.generate(tiny, 4, seed=0)
+    channel = channels.Channel.of(svd.from_model(tiny), [(1, 0)], per_head=2)
+    shifts = [channels.ChannelShift(channel, torch.tensor([3.0, -3.0]), scale=s) for s in (1.0, 2.0)]
+    plain = metrics.evaluate(tiny, data, cache_as="none")
+    pd.testing.assert_frame_equal(plain, metrics.evaluate(tiny, data))
+    first = metrics.evaluate(tiny, data, hooks_for=shifts[0].hooks_for(data), cache_as=shifts[0])
+    again = metrics.evaluate(tiny, data, hooks_for=shifts[0].hooks_for(data), cache_as=shifts[0])
+    other = metrics.evaluate(tiny, data, hooks_for=shifts[1].hooks_for(data), cache_as=shifts[1])
+    pd.testing.assert_frame_equal(first, again)
+    assert len(list((tmp_path / "results" / "evaluate").glob("*.pt"))) == 3  # none, scale 1, scale 2
+    assert not first.logit_diff.equals(other.logit_diff)

@@ -15,7 +15,8 @@ Our construction (a documented choice; every step is a parameter):
 2. **Subspace.** Label prompts by the list position of the answer (IOI: 0 when the indirect object is named
    first, ABBA; 1 when second, BABA; Laundry List: the target position). The positional subspace is spanned by
    the top ``rank`` principal axes of the *class means* of the coefficients (the directions along which the
-   positions differ most; between-class PCA), in coefficient space.
+   positions differ most; between-class PCA), in coefficient space. When lists of several lengths are pooled,
+   each length's mean is removed first, so the axes separate positions rather than lengths.
 3. **Traversal.** :class:`ChannelShift` adds a vector of coefficients to the heads' outputs at END (through
    their ``z``, so exactly ``out_h + sum_k delta[h, k] Vh_h[k]``), e.g. the difference between the mean
    signal of two positions. Everything downstream, the movers included, is recomputed.
@@ -164,10 +165,10 @@ class Channel:
         """The ``n`` coefficient indices that load most on the subspace (the components a weight edit targets)."""
         return self.loadings().argsort(descending=True)[:n].tolist()
 
-    def edit(self, weights, chosen, scale: float) -> list:
-        """Forward hooks of a weight edit: the components at coefficient indices ``chosen`` are multiplied by
-        ``scale`` inside their heads' OV (:class:`~headcircuits.interventions.ComponentAblation`; 1 = unedited)."""
-        from headcircuits.interventions import ComponentAblation, edit_hooks
+    def edits(self, weights, chosen, scale: float) -> list:
+        """A weight edit: the components at coefficient indices ``chosen`` are multiplied by ``scale`` inside their
+        heads' OV, as one :class:`~headcircuits.interventions.ComponentAblation` per head (1 = unedited)."""
+        from headcircuits.interventions import ComponentAblation
 
         chosen = {int(i) for i in chosen}
         edits = []
@@ -175,7 +176,13 @@ class Channel:
             comps = [self.components[i][k] for k in range(self.per_head) if i * self.per_head + k in chosen]
             if comps:
                 edits.append(ComponentAblation.of(weights, head, comps, scale=scale))
-        return edit_hooks(edits)
+        return edits
+
+    def edit(self, weights, chosen, scale: float) -> list:
+        """The forward hooks of :meth:`edits`."""
+        from headcircuits.interventions import edit_hooks
+
+        return edit_hooks(self.edits(weights, chosen, scale))
 
 
 @dataclass(frozen=True)

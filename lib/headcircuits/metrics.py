@@ -101,7 +101,9 @@ def candidate_logits(end_logits: Float[Tensor, "batch vocab"], candidates: Int[T
     return picked.masked_fill(candidates < 0, float("-inf"))
 
 
-def evaluate(model: Model, data: TaskData, batch_size: int = 32, hooks_for: HooksFor | None = None) -> pd.DataFrame:
+def evaluate(
+    model: Model, data: TaskData, batch_size: int = 32, hooks_for: HooksFor | None = None, *, cache_as=None,
+) -> pd.DataFrame:
     """One row per clean prompt, joined with its metadata:
 
     * ``logit_diff``: logit(answer) - logit(distractor) at END (the dataset's distractor: IOI's S, the
@@ -112,8 +114,15 @@ def evaluate(model: Model, data: TaskData, batch_size: int = 32, hooks_for: Hook
     * ``beats_distractor``: ``logit_diff > 0``; ``prediction``: the model's top token; ``candidate_choice``: the
       index of the candidate it prefers (for "which wrong item does it pick?").
 
-    ``hooks_for`` runs the prompts under an intervention (see :func:`end_logits`).
+    ``hooks_for`` runs the prompts under an intervention (see :func:`end_logits`). ``cache_as`` stores the table on
+    disk (:func:`headcircuits.cache.cached`) under the model, the prompts and ``cache_as``, which must describe the
+    intervention completely (e.g. the intervention object itself, or ``"none"``): hooks cannot be fingerprinted.
     """
+    if cache_as is not None:
+        from headcircuits.cache import cached
+
+        return cached("evaluate", {"model": model, "data": data, "intervention": cache_as},
+                      lambda: evaluate(model, data, batch_size, hooks_for))
     logits = end_logits(model, data, batch_size=batch_size, hooks_for=hooks_for)
     ld = logit_difference(logits, data.answer, data.distractor)
     top = logits.argmax(-1)
