@@ -72,7 +72,7 @@ def test_every_notebook_has_a_parameters_cell_and_no_outputs():
 def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     """Every notebook runs with small parameters, the book renders strictly (-W), and no page loads from the net."""
     small = {"n_prompts": 12, "seed": 1, "n_eval": 24, "n_controls": 2, "n_score": 8, "n_fit": 8, "n_per_position": 3,
-             "n_fix": 2}
+             "n_fix": 2, "lengths": [2, 3, 5], "n_components": 4}
     html = book.build(ROOT, tmp_path, small)
     assert (html / "book" / "notebooks" / "01_ioi_behaviour.html").is_file()
     assert (html / "_static" / "vendor" / "circuitsvis.js").is_file()
