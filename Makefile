@@ -24,10 +24,12 @@ models: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/headcircuits prepare-models
 
 # Main job: install, prepare the model, execute every notebook with papermill, render the book into _build/html.
+# Notebook parameters: make book PARAMS="-p model_names=gemma-3-270m -p n_prompts=50" (an unknown one is an error).
+PARAMS ?=
 book:
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory models && \
-	$(OFFLINE) $(VENV)/bin/headcircuits build-book && \
+	$(OFFLINE) $(VENV)/bin/headcircuits build-book $(PARAMS) && \
 	echo "make book: done in $$(( $$(date +%s) - start )) s; open _build/html/index.html"
 
 # Unit tests on tiny models, slow tests on the embedded model, every notebook executed, offline-HTML scan.

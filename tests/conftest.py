@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The suite's cached results live in a folder of its own, new for every run: it never reads a user's (or an older
+# library version's) results, nor leaves its own behind. Prepared models are shared (they are verified on load).
+os.environ["HEADCIRCUITS_RESULTS"] = tempfile.mkdtemp(prefix="headcircuits-test-results-")
+# HEADCIRCUITS_DEVICE (e.g. cuda) runs the whole suite on that device; the default is CUDA when available.
 
 from headcircuits.models import load_model  # noqa: E402
 

@@ -25,7 +25,7 @@ def test_same_key_is_computed_once_other_keys_again(tmp_path):
 
 def test_unreadable_file_is_recomputed(tmp_path):
     cache.cached("t", {"k": 1}, lambda: torch.zeros(2), root=tmp_path)
-    (path,) = (tmp_path / "results" / "t").glob("*.pt")
+    (path,) = (tmp_path / "t").glob("*.pt")
     path.write_bytes(b"not a torch file")
     value = cache.cached("t", {"k": 1}, lambda: torch.ones(2), root=tmp_path)
     assert torch.equal(value, torch.ones(2))
@@ -41,14 +41,14 @@ def test_models_and_task_data_are_keyed_by_their_content(tiny):
 
 
 def test_cached_path_patching_returns_the_same_table(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("HEADCIRCUITS_CACHE", str(tmp_path))
+    monkeypatch.setenv("HEADCIRCUITS_RESULTS", str(tmp_path))
     data = ioi.generate(tiny, 4, seed=0, counterfactual="s2io")
     receivers = patching.Receivers("logits")
     first = patching.path_patch(tiny, data, receivers, [(0, 0), (1, 1)], cache=True, progress=False)
-    assert len(list((tmp_path / "results" / "path_patch").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "path_patch").glob("*.pt"))) == 1
     second = patching.path_patch(tiny, data, receivers, [(0, 0), (1, 1)], cache=True, progress=False)
     torch.testing.assert_close(first, second, equal_nan=True)
-    assert len(list((tmp_path / "results" / "path_patch").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "path_patch").glob("*.pt"))) == 1
 
 
 def test_cached_evaluation_is_keyed_by_the_intervention(tiny, tmp_path, monkeypatch):
@@ -56,7 +56,7 @@ def test_cached_evaluation_is_keyed_by_the_intervention(tiny, tmp_path, monkeypa
 
     from headcircuits import channels, metrics, svd
 
-    monkeypatch.setenv("HEADCIRCUITS_CACHE", str(tmp_path))
+    monkeypatch.setenv("HEADCIRCUITS_RESULTS", str(tmp_path))
     data = ioi.generate(tiny, 4, seed=0)
     channel = channels.Channel.of(svd.from_model(tiny), [(1, 0)], per_head=2)
     shifts = [channels.ChannelShift(channel, torch.tensor([3.0, -3.0]), scale=s) for s in (1.0, 2.0)]
@@ -66,5 +66,5 @@ def test_cached_evaluation_is_keyed_by_the_intervention(tiny, tmp_path, monkeypa
     again = metrics.evaluate(tiny, data, hooks_for=shifts[0].hooks_for(data), cache_as=shifts[0])
     other = metrics.evaluate(tiny, data, hooks_for=shifts[1].hooks_for(data), cache_as=shifts[1])
     pd.testing.assert_frame_equal(first, again)
-    assert len(list((tmp_path / "results" / "evaluate").glob("*.pt"))) == 3  # none, scale 1, scale 2
+    assert len(list((tmp_path / "evaluate").glob("*.pt"))) == 3  # none, scale 1, scale 2
     assert not first.logit_diff.equals(other.logit_diff)

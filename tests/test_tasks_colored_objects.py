@@ -17,11 +17,29 @@ REFERENCE = SHARED / "reference-data" / "circuit-reuse"
 
 @pytest.fixture(scope="module")
 def reference():
-    if not (REFERENCE / "cobjs_data_42.json").is_file():
-        pytest.skip(f"../shared is absent ({REFERENCE} not found): the paper's released prompts are needed")
-    clean = json.loads((REFERENCE / "cobjs_data_42.json").read_text())
-    counterfactual = json.loads((REFERENCE / "cobjs_mindiff_data_42.json").read_text())
+    """The paper's released prompts as the package ships them (no ../shared needed)."""
+    clean = json.loads((co.PAPER_DATA / "cobjs_data_42.json").read_text())
+    counterfactual = json.loads((co.PAPER_DATA / "cobjs_mindiff_data_42.json").read_text())
     return clean, counterfactual
+
+
+def test_the_shipped_prompts_are_the_released_files_with_their_licence():
+    assert "MIT License" in (co.PAPER_DATA / "LICENSE").read_text()
+    if not REFERENCE.is_dir():
+        pytest.skip(f"../shared is absent ({REFERENCE} not found): nothing to compare the shipped copy with")
+    for name in ("cobjs_data_42.json", "cobjs_mindiff_data_42.json", "LICENSE"):
+        assert (co.PAPER_DATA / name).read_bytes() == (REFERENCE / name).read_bytes(), name
+
+
+def test_the_papers_prompts_become_task_data(smollm2_or_tiny):
+    data = co.from_paper(smollm2_or_tiny, n=20)
+    triples = co.paper_prompts()[:20]
+    assert len(data) == 20 and data.clean_text == [co.format_prompt(s, q) for s, q, _ in triples]
+    for i, (_, query, cf) in enumerate(triples):
+        assert smollm2_or_tiny.tokenizer.decode([int(data.answer[i])]) == " " + query.answer
+        assert smollm2_or_tiny.tokenizer.decode([int(data.distractor[i])]) == " " + query.colors[cf].capitalize()
+    with pytest.raises(ValueError, match="1 to 1000"):
+        co.from_paper(smollm2_or_tiny, n=0)
 
 
 def test_generator_reproduces_the_papers_prompts_byte_for_byte(reference):

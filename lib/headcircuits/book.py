@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from headcircuits.errors import HeadcircuitsError
+
 NOTEBOOK_ENV = {
     "HEADCIRCUITS_BOOK": "1",  # circuitsvis widgets load the book's vendored copy (plots.Widget)
     "TQDM_DISABLE": "1",  # progress bars go to stderr; the book build treats stderr output as a warning
@@ -85,22 +87,54 @@ def notebooks_in_toc(root: Path) -> list[Path]:
     return out
 
 
+class ParameterError(HeadcircuitsError, ValueError):
+    """A build parameter that no notebook declares, or one written without ``=``."""
+
+
+def declared_parameters(notebook: Path) -> dict[str, str]:
+    """The names a notebook's ``parameters`` cell declares, with their default as written (papermill's own
+    inspection)."""
+    import papermill
+
+    return {name: info["default"] for name, info in papermill.inspect_notebook(str(notebook)).items()}
+
+
+def check_parameters(notebooks: Iterable[Path], parameters: dict) -> dict[Path, dict]:
+    """For each notebook, the overrides it declares. A parameter that *no* notebook declares is refused with the
+    list of valid ones (papermill would inject it silently and change nothing). A parameter that only some
+    notebooks declare (e.g. ``n_fix``) reaches only those."""
+    declared = {nb: declared_parameters(nb) for nb in notebooks}
+    valid = sorted({name for names in declared.values() for name in names})
+    unknown = sorted(set(parameters) - set(valid))
+    if unknown:
+        by_notebook = "\n".join(f"  {nb.stem}: {', '.join(sorted(names))}" for nb, names in declared.items())
+        raise ParameterError(
+            f"no notebook declares the parameter(s) {unknown}. Valid parameters: {', '.join(valid)}.\n"
+            f"Per notebook:\n{by_notebook}")
+    return {nb: {k: v for k, v in parameters.items() if k in names} for nb, names in declared.items()}
+
+
 def execute_notebooks(
     notebooks: Iterable[Path], out_dir: Path, parameters: dict | None = None, *, log=print
 ) -> list[Path]:
-    """Run each notebook once with papermill (its ``parameters`` cell overridden by ``parameters``)."""
+    """Run each notebook once with papermill (its ``parameters`` cell overridden by the ``parameters`` it declares;
+    one that no notebook declares is an error, see :func:`check_parameters`). Cached results go to
+    ``$HEADCIRCUITS_RESULTS`` when set, else to ``<out_dir>/../results`` (the book's own folder)."""
     import papermill
 
+    notebooks = list(notebooks)
+    per_notebook = check_parameters(notebooks, parameters or {})
     out_dir.mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in NOTEBOOK_ENV}
-    os.environ.update(NOTEBOOK_ENV)
+    env = {**NOTEBOOK_ENV, "HEADCIRCUITS_RESULTS": os.environ.get("HEADCIRCUITS_RESULTS") or str(out_dir.parent / "results")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     executed = []
     try:
         for src in notebooks:
             dst = out_dir / src.name
             start = time.perf_counter()
             papermill.execute_notebook(
-                str(src), str(dst), parameters=parameters or {}, cwd=str(src.parent), progress_bar=False,
+                str(src), str(dst), parameters=per_notebook[src], cwd=str(src.parent), progress_bar=False,
                 kernel_name="python3", request_save_on_cell_execute=False,
             )
             log(f"executed {src.name} in {time.perf_counter() - start:.1f} s")
@@ -151,10 +185,14 @@ def build(root: Path, out: Path, parameters: dict | None = None, *, log=print) -
 
 
 def parse_parameters(pairs: list[str]) -> dict:
-    """``key=value`` pairs (values parsed as JSON when possible) for papermill."""
+    """``key=value`` pairs (values parsed as JSON when possible, e.g. ``n_prompts=50``, ``lengths=[3,5]``; other
+    values stay strings: ``model_names=gemma-3-270m``) for papermill."""
     params = {}
     for pair in pairs:
-        key, _, value = pair.partition("=")
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ParameterError(f"a parameter is written KEY=VALUE (e.g. -p n_prompts=50), not {pair!r}")
         try:
             params[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -176,6 +214,9 @@ def scan_offline(html_dir: Path) -> list[str]:
     images, iframes, ES-module imports, CSS ``url()`` / ``@import``, and the MathJax path. Links (``<a href>``)
     are not loads and are allowed. Returns one line per problem (empty when the site is fully offline)."""
     import re
+
+    if not Path(html_dir).is_dir() or not any(Path(html_dir).rglob("*.html")):
+        raise FileNotFoundError(f"{html_dir} is not a built site (no .html files): build it first with `make book`")
 
     from bs4 import BeautifulSoup
 

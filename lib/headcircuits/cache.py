@@ -1,14 +1,21 @@
 """On-disk cache of experiment results (sweeps that take minutes), keyed by everything that determines them.
 
-``cached(name, key, compute)`` stores ``compute()`` under ``$HEADCIRCUITS_CACHE/results/<name>/<fingerprint>.pt``.
-The fingerprint hashes the key: model identity (its facts and which weights: the prepared cache's manifest, the
-hub id, or the random seed), the task data's tokens / answers / positions, every parameter, and the library
-version. A file that cannot be read is recomputed; writes are atomic. ``HEADCIRCUITS_NO_CACHE=1`` bypasses it.
+``cached(name, key, compute)`` stores ``compute()`` under ``<results root>/<name>/<fingerprint>.pt``. The
+fingerprint hashes the key (model identity: its facts and which weights, i.e. the prepared cache's manifest, the
+hub id, or the random seed; every field of the task data: texts, tokens, answers, positions, candidates,
+metadata; every parameter) **and the source code of the library** (:func:`library_hash`): a result never
+outlives the code that produced it, since any edit of the library gives new keys.
+
+The results root is ``$HEADCIRCUITS_RESULTS`` if set, else ``<model cache>/results`` (``$HEADCIRCUITS_CACHE`` or
+``~/.cache/headcircuits``). The test suite and the book build set ``HEADCIRCUITS_RESULTS`` to folders of their
+own, so neither reads nor writes a user's results. A file that cannot be read is recomputed; writes are atomic.
+``HEADCIRCUITS_NO_CACHE=1`` bypasses the cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -16,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import pandas as pd
 import torch
 
 from headcircuits.models.core import Model
@@ -32,11 +40,14 @@ def _update(digest, obj: Any) -> None:
         digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
     elif isinstance(obj, Model):
         _update(digest, {"facts": dataclasses.asdict(obj.facts), "weights": obj.weights_id})
-    elif isinstance(obj, TaskData):
-        _update(digest, {
-            "task": obj.task, "clean": obj.clean.ids, "clean_lengths": obj.clean.lengths, "corrupt": obj.corrupt.ids,
-            "answer": obj.answer, "distractor": obj.distractor, "positions": obj.positions,
-        })
+    elif isinstance(obj, TaskData):  # every field: a cached table may depend on any of them
+        _update(digest, {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+    elif isinstance(obj, pd.DataFrame):
+        digest.update(b"frame")
+        digest.update(obj.to_json(orient="split", date_format="iso", default_handler=str).encode())
+        digest.update(json.dumps(obj.attrs, sort_keys=True, default=str).encode())
+    elif isinstance(obj, range):
+        _update(digest, ["range", obj.start, obj.stop, obj.step])
     elif isinstance(obj, dict):
         digest.update(b"{")
         for key in sorted(obj, key=str):
@@ -48,28 +59,47 @@ def _update(digest, obj: Any) -> None:
         for item in obj:
             _update(digest, item)
         digest.update(b"]")
-    elif dataclasses.is_dataclass(obj):
-        _update(digest, {"type": type(obj).__name__, **dataclasses.asdict(obj)})
+    elif dataclasses.is_dataclass(obj):  # fields one by one (asdict would deep-copy tensors and frames)
+        _update(digest, {"type": type(obj).__name__, **{f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}})
     elif obj is None or isinstance(obj, (str, int, float, bool)):
         digest.update(json.dumps(obj).encode())
     else:
         raise TypeError(f"cannot fingerprint a {type(obj).__name__}; pass tensors, models, task data or plain values")
 
 
-def fingerprint(key: Any) -> str:
-    """A sha256 of everything in ``key`` (tensors by their values)."""
-    from headcircuits import __version__
+def library_hash() -> str:
+    """A sha256 of the source of every module of the installed ``headcircuits`` package (file names and bytes)."""
+    return _library_hash(Path(__file__).resolve().parent)
 
-    digest = hashlib.sha256(f"headcircuits {__version__}".encode())
+
+@functools.lru_cache(maxsize=4)
+def _library_hash(package: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def fingerprint(key: Any) -> str:
+    """A sha256 of everything in ``key`` (tensors by their values) and of the library's source."""
+    digest = hashlib.sha256(f"headcircuits {library_hash()}".encode())
     _update(digest, key)
     return digest.hexdigest()
 
 
+def results_root() -> Path:
+    """Where cached results live: ``$HEADCIRCUITS_RESULTS``, else ``<model cache>/results``."""
+    env = os.environ.get("HEADCIRCUITS_RESULTS")
+    return Path(env).expanduser() if env else cache_root() / "results"
+
+
 def cached(name: str, key: Any, compute: Callable[[], T], *, root: Path | None = None) -> T:
-    """``compute()``'s result, from disk when the same ``key`` was computed before."""
+    """``compute()``'s result, from disk when the same ``key`` was computed before by the same library source;
+    ``root``: the results root (default :func:`results_root`)."""
     if os.environ.get("HEADCIRCUITS_NO_CACHE", "") not in ("", "0"):
         return compute()
-    folder = (root or cache_root()) / "results" / name
+    folder = (root or results_root()) / name
     path = folder / f"{fingerprint(key)}.pt"
     if path.is_file():
         try:

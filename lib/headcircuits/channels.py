@@ -37,10 +37,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headcircuits.models.core import Model
+from headcircuits.models.core import Head, Model
+from headcircuits.svd import fix_signs
 from headcircuits.tasks.base import TaskData
 
-Head = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,7 @@ class Channel:
         The run stops after the last head's layer (``hooks``: extra interventions in the same run)."""
         layers = sorted({l for l, _ in self.heads})
         out = []
-        for start in range(0, len(data), batch_size):
-            stop = min(start + batch_size, len(data))
+        for batch in data.batches(batch_size, device=model.device):
             seen: dict[int, Tensor] = {}
 
             def record(z, hook, layer):
@@ -108,11 +107,10 @@ class Channel:
                 return z
 
             record_hooks = [(f"blocks.{l}.attn.hook_z", lambda z, hook, l=l: record(z, hook, l)) for l in layers]
-            ids = data.clean.ids[start:stop, : int(data.clean.lengths[start:stop].max())]
             # extra hooks first: an intervention on a head's z is seen by the recorder on the same hook point
-            model.bridge.run_with_hooks(ids, fwd_hooks=[*(hooks or []), *record_hooks], stop_at_layer=layers[-1] + 1)
-            rows, pos = torch.arange(stop - start), data.positions[position][start:stop]
-            per_head = [seen[l][rows, pos, h].float() @ self.W_O[i] @ self.directions[i].T
+            model.bridge.run_with_hooks(batch.ids, fwd_hooks=[*(hooks or []), *record_hooks],
+                                        stop_at_layer=layers[-1] + 1)
+            per_head = [batch.gather(seen[l], position)[:, h].float().cpu() @ self.W_O[i] @ self.directions[i].T
                         for i, (l, h) in enumerate(self.heads)]
             out.append(torch.cat(per_head, dim=-1))
         return torch.cat(out)
@@ -134,7 +132,8 @@ class Channel:
                 centred[groups == g] -= coefficients[groups == g].mean(0)
         means = torch.stack([centred[labels == c].mean(0) for c in classes])
         rank = min(rank, len(classes) - 1, coefficients.shape[1])
-        _, _, Vh = torch.linalg.svd(means - means.mean(0), full_matrices=False)
+        U, _, Vh = torch.linalg.svd(means - means.mean(0), full_matrices=False)
+        _, Vh = fix_signs(U, Vh)  # an SVD axis has no sign of its own: fix one, so printed correlations are stable
         return replace(self, axes=Vh[:rank].contiguous(), center=coefficients.mean(0))
 
     def coords(self, coefficients: Float[Tensor, "batch coef"]) -> Float[Tensor, "batch rank"]:
@@ -148,12 +147,6 @@ class Channel:
         if self.axes is None:
             raise RuntimeError("fit the channel first: channel = channel.fit(coefficients, positions)")
         return (delta @ self.axes.T) @ self.axes
-
-    def residual_directions(self) -> Float[Tensor, "rank d_model"]:
-        """The fitted axes as residual-stream vectors, ``sum_{h,k} axis[h, k] Vh_h[k]``."""
-        if self.axes is None:
-            raise RuntimeError("fit the channel first")
-        return self.axes @ self.directions.reshape(-1, self.directions.shape[-1])
 
     def loadings(self) -> Float[Tensor, " coef"]:
         """How much each component takes part in the subspace: the norm of its column of ``axes``."""
@@ -212,15 +205,15 @@ class ChannelShift:
         def hooks(start: int, stop: int) -> list:
             if self.scale == 0:
                 return []
-            rows = torch.arange(stop - start)
-            pos = data.positions[self.position][start:stop]
+            positions = data.at(self.position)[start:stop]
             d = delta if delta.shape[0] == 1 else delta[start:stop]
 
             def add(z, hook, indices):
                 z = z.clone()
+                rows, pos = torch.arange(stop - start, device=z.device), positions.to(z.device)
                 for i in indices:
                     head = ch.heads[i][1]
-                    z[rows, pos, head] += (d[:, i] @ back[i]).to(z.dtype)
+                    z[rows, pos, head] += (d[:, i] @ back[i]).to(z)
                 return z
 
             return [(f"blocks.{layer}.attn.hook_z", lambda z, hook, ix=ix: add(z, hook, ix))

@@ -27,12 +27,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headcircuits import patching
+from headcircuits import metrics, patching
 from headcircuits.metrics import attention_between_pairs
-from headcircuits.models.core import Model
+from headcircuits.models.core import Head, Model
 from headcircuits.tasks.base import TaskData
 
-Head = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -137,18 +136,29 @@ def discover(
 
 # --- overlap ----------------------------------------------------------------------------------------------------
 
+def _hypergeometric(population: int, marked: int, drawn: int) -> list[float]:
+    """P(k of ``drawn`` random items out of ``population`` are among ``marked``), k = 0 .. drawn."""
+    total = math.comb(population, drawn)
+    return [math.comb(marked, k) * math.comb(population - marked, drawn - k) / total for k in range(drawn + 1)]
+
+
 @dataclass(frozen=True)
 class Overlap:
-    """How much of circuit A is also in circuit B, against random head sets of the same sizes.
+    """How much of circuit A is also in circuit B, against two nulls of random head sets of the same sizes.
 
-    ``fraction`` = |A & B| / |A| (the paper's "x % of in-circuit heads are reused"); ``expected`` is the same
-    fraction for random sets (|B| / n_heads); ``p_value`` = P(|A & B| >= observed) for random sets
-    (hypergeometric, exact)."""
+    ``fraction`` = |A & B| / |A| (the paper's "x % of in-circuit heads are reused"). Null 1 (all heads
+    exchangeable): ``expected`` = |B| / n_heads and ``p_value`` = P(|A & B| >= observed), hypergeometric, exact.
+    Null 2 (**layer-matched**, needed because both circuits sit in late layers by construction): random sets
+    with A's and B's head counts *in every layer*; ``layer_expected`` and ``layer_p_value`` are exact (the
+    overlap is a sum of independent per-layer hypergeometric counts). Null 2 is ``nan`` without per-layer counts.
+    """
 
     shared: int
     size_a: int
     size_b: int
     n_heads: int
+    layer_counts: tuple[tuple[int, int], ...] = ()  # per layer: (|A in layer|, |B in layer|)
+    heads_per_layer: int = 0
 
     @property
     def fraction(self) -> float:
@@ -160,20 +170,51 @@ class Overlap:
 
     @property
     def p_value(self) -> float:
-        total = math.comb(self.n_heads, self.size_a)
-        upper = min(self.size_a, self.size_b)
-        hits = sum(
-            math.comb(self.size_b, k) * math.comb(self.n_heads - self.size_b, self.size_a - k)
-            for k in range(self.shared, upper + 1)
-        )
-        return hits / total
+        dist = _hypergeometric(self.n_heads, self.size_b, self.size_a)
+        return float(sum(dist[self.shared:]))
+
+    def _layer_distribution(self) -> list[float] | None:
+        if not self.layer_counts:
+            return None
+        dist = [1.0]
+        for a, b in self.layer_counts:
+            layer = _hypergeometric(self.heads_per_layer, b, a)
+            new = [0.0] * (len(dist) + len(layer) - 1)
+            for i, p in enumerate(dist):
+                for j, q in enumerate(layer):
+                    new[i + j] += p * q
+            dist = new
+        return dist
+
+    @property
+    def layer_expected(self) -> float:
+        dist = self._layer_distribution()
+        if dist is None or not self.size_a:
+            return float("nan")
+        return sum(k * p for k, p in enumerate(dist)) / self.size_a
+
+    @property
+    def layer_p_value(self) -> float:
+        dist = self._layer_distribution()
+        return float("nan") if dist is None else float(sum(dist[self.shared:]))
 
 
-def overlap(a: Circuit | set[Head], b: Circuit | set[Head], n_heads: int) -> Overlap:
-    """Overlap of two circuits (or head sets) of a model with ``n_heads`` heads in all."""
+def overlap(a: Circuit | set[Head], b: Circuit | set[Head], n_heads: int, n_layers: int | None = None) -> Overlap:
+    """Overlap of two circuits (or head sets) of a model with ``n_heads`` heads in all; with ``n_layers`` (the
+    heads spread evenly over layers) also the layer-matched null."""
     set_a = set(a.heads) if isinstance(a, Circuit) else set(a)
     set_b = set(b.heads) if isinstance(b, Circuit) else set(b)
-    return Overlap(len(set_a & set_b), len(set_a), len(set_b), n_heads)
+    counts: tuple[tuple[int, int], ...] = ()
+    per_layer = 0
+    if n_layers is not None:
+        if n_heads % n_layers:
+            raise ValueError(f"{n_heads} heads do not spread evenly over {n_layers} layers")
+        per_layer = n_heads // n_layers
+        outside = [h for h in set_a | set_b if not 0 <= h[0] < n_layers or not 0 <= h[1] < per_layer]
+        if outside:
+            raise ValueError(f"heads {sorted(outside)} are not in a model of {n_layers} layers x {per_layer} heads")
+        counts = tuple((sum(1 for h in set_a if h[0] == l), sum(1 for h in set_b if h[0] == l)) for l in range(n_layers))
+    return Overlap(len(set_a & set_b), len(set_a), len(set_b), n_heads, counts, per_layer)
 
 
 def random_overlaps(size_a: int, size_b: int, n_heads: int, n_samples: int = 10_000, seed: int = 0) -> Tensor:
@@ -188,29 +229,53 @@ def random_overlaps(size_a: int, size_b: int, n_heads: int, n_samples: int = 10_
 # --- head classes -----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def direct_logit_difference(model: Model, data: TaskData) -> Float[Tensor, "layer head"]:
-    """Each head's direct contribution to logit(answer) - logit(distractor) at END: its output at END, scaled by
-    the final norm (frozen at its clean value), dotted with W_U[answer] - W_U[distractor]; mean over prompts.
-    Positive for heads that write the answer (movers), negative for heads that suppress it (negative movers)."""
+def direct_logit_difference(model: Model, data: TaskData, batch_size: int = 32) -> Float[Tensor, "layer head"]:
+    """Each head's direct contribution to logit(answer) - logit(distractor) at END: its output at END as it enters
+    the residual stream, scaled by the final norm (frozen at its clean value), dotted with
+    W_U[answer] - W_U[distractor]; mean over prompts. Positive for heads that write the answer (movers),
+    negative for heads that suppress it (negative movers).
+
+    "As it enters the residual stream": z W_O, and on Gemma-3 also through the post-attention norm, which scales
+    the sum of a layer's heads by (1 + w) / rms(sum) at each position; frozen at its clean value, as the final
+    norm, it is a per-position linear map, so the heads' contributions still add up to the layer's write.
+    Everything else (embeddings, MLPs, attention biases, the final norm's bias) makes up the rest of the logit
+    difference (tested on every tiny family)."""
     L, H = model.facts.n_layers, model.facts.n_heads
-    names = lambda n: n.endswith("attn.hook_z") or n in ("ln_final.hook_in", "ln_final.hook_out")  # noqa: E731
-    _, cache = model.bridge.run_with_cache(data.clean.ids, names_filter=names)
-    rows, ends = torch.arange(len(data)), data.positions["END"]
-    resid, normed = cache["ln_final.hook_in"][rows, ends], cache["ln_final.hook_out"][rows, ends]
-    centred = resid - resid.mean(-1, keepdim=True) if model.facts.norm == "layernorm" else resid
-    # the final norm as a per-prompt, per-dimension linear map at its clean operating point (bias excluded)
-    gain = (normed - _final_norm_bias(model)) / centred.where(centred.abs() > 1e-8, torch.full_like(centred, 1e-8))
+    post = model.facts.post_attn_norm
+
+    def names(n: str) -> bool:
+        return n.endswith("attn.hook_z") or n in ("ln_final.hook_in", "ln_final.hook_out") or (
+            post and n.endswith("ln1_post.hook_scale"))
+
     W_U = model.bridge.W_U.detach()  # [d_model, vocab]
-    direction = W_U[:, data.answer] - W_U[:, data.distractor]  # [d_model, batch]
     W_O = model.bridge.W_O.detach()  # [L, H, d_head, d_model]
-    out = torch.zeros(L, H)
-    for layer in range(L):
-        z = cache[f"blocks.{layer}.attn.hook_z"][rows, ends]  # [batch, H, d_head]
-        head_out = torch.einsum("bhd,hdm->bhm", z, W_O[layer])
-        if model.facts.norm == "layernorm":
-            head_out = head_out - head_out.mean(-1, keepdim=True)
-        out[layer] = torch.einsum("bhm,bm,mb->h", head_out, gain, direction) / len(data)
-    return out
+    bias = _final_norm_bias(model).to(model.device)
+    post_weight = _post_attention_gains(model) if post else None  # [L, d_model]: (1 + w)
+    out = torch.zeros(L, H, device=model.device)
+    for batch in data.batches(batch_size, device=model.device):
+        _, cache = model.bridge.run_with_cache(batch.ids, names_filter=names)
+        resid, normed = batch.gather(cache["ln_final.hook_in"], "END"), batch.gather(cache["ln_final.hook_out"], "END")
+        centred = resid - resid.mean(-1, keepdim=True) if model.facts.norm == "layernorm" else resid
+        # the final norm as a per-prompt, per-dimension linear map at its clean operating point (bias excluded)
+        gain = (normed - bias) / centred.where(centred.abs() > 1e-8, torch.full_like(centred, 1e-8))
+        answer, distractor = data.answer[batch.start:batch.stop], data.distractor[batch.start:batch.stop]
+        direction = W_U[:, answer.to(W_U.device)] - W_U[:, distractor.to(W_U.device)]  # [d_model, batch]
+        for layer in range(L):
+            z = batch.gather(cache[f"blocks.{layer}.attn.hook_z"], "END")  # [batch, H, d_head]
+            head_out = torch.einsum("bhd,hdm->bhm", z, W_O[layer])
+            if post:
+                scale = batch.gather(cache[f"blocks.{layer}.ln1_post.hook_scale"], "END")  # [batch, 1]: rms
+                head_out = head_out * (post_weight[layer] / scale)[:, None, :]
+            if model.facts.norm == "layernorm":
+                head_out = head_out - head_out.mean(-1, keepdim=True)
+            out[layer] += torch.einsum("bhm,bm,mb->h", head_out, gain, direction)
+    return (out / len(data)).cpu()
+
+
+def _post_attention_gains(model: Model) -> Tensor:
+    """Gemma-3's post-attention norm weight as applied, (1 + w), per layer: [layer, d_model]."""
+    layers = model.bridge.original_model.model.layers
+    return torch.stack([1.0 + layer.post_attention_layernorm.weight.detach() for layer in layers])
 
 
 def _final_norm_bias(model: Model) -> Tensor:
@@ -220,31 +285,49 @@ def _final_norm_bias(model: Model) -> Tensor:
     return torch.zeros(model.facts.d_model) if bias is None else bias.detach()
 
 
-def classify(
-    model: Model, data: TaskData, heads: list[Head], threshold: float = 0.2
-) -> dict[Head, str]:
-    """A class for each head from where it attends and what it writes (IOI position names):
+#: where each behavioural class attends (query position -> key position, IOI names)
+CLASS_ATTENTION: dict[str, tuple[str, str]] = {
+    "mover": ("END", "IO"),
+    "inhibition": ("END", "S2"),
+    "induction": ("S2", "S1+1"),
+    "duplicate-token": ("S2", "S1"),
+    "previous-token": ("S1+1", "S1"),
+}
 
-    mover / negative mover (END attends to IO, direct logit difference > 0 / < 0), inhibition (END attends to
-    S2), induction (S2 attends to S1+1), duplicate-token (S2 attends to S1), previous-token (S1+1 attends to S1);
-    "other" when no attention score reaches ``threshold``. On grouped-K/V or Gemma models these are the same
-    behavioural definitions; nothing is read off GPT-2's head indices."""
-    where = {
-        "mover": ("END", "IO"),
-        "inhibition": ("END", "S2"),
-        "induction": ("S2", "S1+1"),
-        "duplicate-token": ("S2", "S1"),
-        "previous-token": ("S1+1", "S1"),
-    }
-    scores = attention_between_pairs(model, data, list(where.values()))  # one pass over the prompts
-    patterns = {name: scores[pair] for name, pair in where.items()}
+
+def classify(
+    model: Model, data: TaskData, heads: list[Head], threshold: float = 0.2, negative: float = 0.05,
+) -> dict[Head, str]:
+    """A class for each head from where it attends and what it writes, on IOI prompts (see :func:`assign_classes`
+    for the rule). Attention scores for every class come from one pass over the prompts; nothing is read off
+    GPT-2's head indices, so the same behavioural definitions serve grouped-K/V and Gemma models."""
+    scores = attention_between_pairs(model, data, list(CLASS_ATTENTION.values()))  # one pass over the prompts
+    patterns = {name: scores[pair] for name, pair in CLASS_ATTENTION.items()}
     dla = direct_logit_difference(model, data)
+    ld = float((metrics.evaluate(model, data).logit_diff).mean())
+    return assign_classes(patterns, dla, heads, threshold=threshold, negative=negative * abs(ld))
+
+
+def assign_classes(
+    patterns: dict[str, Tensor], dla: Float[Tensor, "layer head"], heads: list[Head], *, threshold: float = 0.2,
+    negative: float = 0.0,
+) -> dict[Head, str]:
+    """The classification rule, on given attention scores (``patterns[class]``: [layer, head] mean attention at
+    that class's query/key pair, see :data:`CLASS_ATTENTION`) and direct logit differences ``dla``:
+
+    * the class whose attention score is highest, "other" when none reaches ``threshold``;
+    * a head whose strongest pattern is from END to a name (IO or S2) and whose direct logit difference is below
+      ``-negative`` writes against the answer: a **negative mover** (Wang et al.'s 10.7 and 11.10 attend to IO;
+      Circuit Component Reuse's 19.1 in GPT-2 medium is an END -> S2 head that writes against the answer, so
+      inhibition heads are checked too). ``classify`` sets ``negative`` to 5 % of the mean logit difference, so
+      that an inhibition head's small incidental write does not flip its class.
+    """
     classes = {}
     for head in heads:
         name, score = max(((n, float(p[head])) for n, p in patterns.items()), key=lambda x: x[1])
         if score < threshold:
             name = "other"
-        elif name == "mover" and float(dla[head]) < 0:
+        elif name in ("mover", "inhibition") and float(dla[head]) < -negative:
             name = "negative mover"
         classes[head] = name
     return classes

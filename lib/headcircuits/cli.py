@@ -14,28 +14,43 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare-models", help="dequantise and cache the offline models")
     prep.add_argument("names", nargs="*", help="offline model names (default: all)")
     prep.add_argument("--force", action="store_true", help="rebuild even if the cache is intact")
+    prep.add_argument("--quick", action="store_true",
+                      help="trust files whose size and time match the manifest (loading does this); default: sha256")
     bk = sub.add_parser("build-book", help="execute every notebook with papermill and render the book")
     bk.add_argument("--root", type=Path, default=Path.cwd(), help="repository root (default: .)")
     bk.add_argument("--out", type=Path, default=Path("."),
                     help="directory that receives _build/ (default: .; the site is then _build/html)")
     bk.add_argument("-p", "--parameter", action="append", default=[], metavar="KEY=VALUE",
-                    help="notebook parameter override, e.g. -p model=gemma-3-270m -p n_prompts=50")
+                    help="notebook parameter override, e.g. -p model_names=gemma-3-270m -p n_prompts=50 "
+                         "(a parameter that no notebook declares is an error that lists the valid ones)")
     chk = sub.add_parser("check-offline", help="list everything in a built site that would load from the network")
     chk.add_argument("html_dir", type=Path)
     args = parser.parse_args(argv)
+    from headcircuits.errors import HeadcircuitsError
 
+    try:
+        return _run(args)
+    except (HeadcircuitsError, FileNotFoundError) as exc:  # our own errors name the fix: no traceback
+        print(f"headcircuits {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.command == "prepare-models":
         from headcircuits.models import prepare_offline_models
 
         start = time.perf_counter()
-        for name, path in prepare_offline_models(args.names or None, force=args.force).items():
+        for name, path in prepare_offline_models(args.names or None, force=args.force,
+                                                 full_check=not args.quick).items():
             print(f"{name}: {path}")
         print(f"offline models ready in {time.perf_counter() - start:.1f} s")
         return 0
     if args.command == "build-book":
         from headcircuits import book
 
-        html = book.build(args.root.resolve(), args.out.resolve(), book.parse_parameters(args.parameter))
+        parameters = book.parse_parameters(args.parameter)
+        book.check_parameters(book.notebooks_in_toc(args.root.resolve()), parameters)  # before any slow work
+        html = book.build(args.root.resolve(), args.out.resolve(), parameters)
         problems = book.scan_offline(html)
         if problems:
             print("pages would load from the network:\n  " + "\n  ".join(problems), file=sys.stderr)

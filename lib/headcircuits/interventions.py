@@ -21,6 +21,7 @@ attention weights (tested against the value vectors on every tiny family).
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -30,10 +31,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headcircuits import metrics
-from headcircuits.models.core import Model
+from headcircuits.models.core import Head, Model
 from headcircuits.tasks.base import TaskData
 
-Head = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -61,15 +61,17 @@ class ForcedAttention:
         for layer, head in self.heads:
             by_layer.setdefault(layer, []).append(head)
 
-        def hooks(start: int, stop: int) -> list:
-            rows = torch.arange(stop - start)
-            q = data.positions[self.query][start:stop]
-            keys = torch.stack([data.positions[k][start:stop] for k in self.keys], 1)  # [batch, n_keys]
+        query_pos = data.at(self.query)
+        key_pos = torch.stack([data.at(k) for k in self.keys], 1)  # [batch, n_keys], validated
 
+        def hooks(start: int, stop: int) -> list:
             def force(pattern, hook, heads):
                 pattern = pattern.clone()
-                target = torch.zeros(len(rows), pattern.shape[-1], dtype=pattern.dtype)
-                target.scatter_add_(1, keys, torch.full(keys.shape, 1.0 / keys.shape[1], dtype=pattern.dtype))
+                rows = torch.arange(stop - start, device=pattern.device)
+                q, keys = query_pos[start:stop].to(pattern.device), key_pos[start:stop].to(pattern.device)
+                target = torch.zeros(len(rows), pattern.shape[-1], dtype=pattern.dtype, device=pattern.device)
+                target.scatter_add_(1, keys, torch.full(keys.shape, 1.0 / keys.shape[1], dtype=pattern.dtype,
+                                                        device=pattern.device))
                 for h in heads:
                     pattern[rows, h, q] = (1 - self.strength) * pattern[rows, h, q] + self.strength * target
                 return pattern
@@ -98,27 +100,47 @@ def attention_under(
     """Mean attention of ``heads`` from ``query`` to each of ``keys`` (rows: heads, columns: keys), with or
     without an intervention in the same forward pass (e.g. the movers' attention to the right and wrong colours
     before and after the repair)."""
-    out = torch.zeros(len(heads), len(keys))
+    out = torch.zeros(len(heads), len(keys), device=model.device)
     hooks_for = intervention.hooks_for(data) if intervention else (lambda start, stop: [])
-    for start in range(0, len(data), batch_size):
-        stop = min(start + batch_size, len(data))
-        ids = data.clean.ids[start:stop, : int(data.clean.lengths[start:stop].max())]
+    layers = sorted({l for l, _ in heads})
+    for batch in data.batches(batch_size, device=model.device):
         seen: dict[int, Tensor] = {}
 
         def record(pattern, hook, layer):
             seen[layer] = pattern.detach().clone()
             return pattern
 
-        layers = sorted({l for l, _ in heads})
-        hooks = hooks_for(start, stop) + [
+        hooks = hooks_for(batch.start, batch.stop) + [
             (f"blocks.{l}.attn.hook_pattern", lambda p, hook, l=l: record(p, hook, l)) for l in layers]
-        model.bridge.run_with_hooks(ids, fwd_hooks=hooks)
-        rows = torch.arange(stop - start)
-        q = data.positions[query][start:stop]
+        model.bridge.run_with_hooks(batch.ids, fwd_hooks=hooks, stop_at_layer=layers[-1] + 1)
         for i, (l, h) in enumerate(heads):
             for j, key in enumerate(keys):
-                out[i, j] += seen[l][rows, h, q, data.positions[key][start:stop]].sum()
-    return out / len(data)
+                out[i, j] += seen[l][batch.rows, h, batch.at(query), batch.at(key)].sum()
+    return (out / len(data)).cpu()
+
+
+def control_heads(
+    n_layers: int, n_heads: int, size: int, n_draws: int, *, exclude: set[Head], layers: range, seed: int = 0,
+) -> tuple[list[tuple[Head, ...]], range]:
+    """``n_draws`` *distinct* random head sets of ``size`` from ``layers``, none in ``exclude`` (e.g. every
+    circuit head). When ``layers`` hold too few heads for that many distinct sets (Gemma-3 has 4 heads per
+    layer), the range is widened one layer at a time on both sides; the range used is returned with the sets."""
+    while True:
+        pool = [(l, h) for l in layers for h in range(n_heads) if (l, h) not in exclude]
+        if len(pool) >= size and math.comb(len(pool), size) >= n_draws:
+            break
+        if layers.start == 0 and layers.stop == n_layers:
+            raise ValueError(
+                f"only {len(pool)} heads outside the excluded ones: cannot draw {n_draws} distinct sets of {size}; "
+                f"ask for fewer controls or a smaller head set")
+        layers = range(max(0, layers.start - 1), min(n_layers, layers.stop + 1))
+    rng = random.Random(seed)
+    draws: list[tuple[Head, ...]] = []
+    while len(draws) < n_draws:
+        chosen = tuple(sorted(rng.sample(pool, size)))
+        if chosen not in draws:
+            draws.append(chosen)
+    return draws, layers
 
 
 def repair(
@@ -130,15 +152,18 @@ def repair(
     strength: float = 1.0,
     n_controls: int = 5,
     control_layers: range | None = None,
+    exclude: set[Head] | frozenset = frozenset(),
     seed: int = 0,
     batch_size: int = 32,
 ) -> pd.DataFrame:
     """Accuracy and logit difference of the task with no intervention, with each named head set forced onto
-    ``keys`` at END, and with ``n_controls`` random head sets of the size of the largest named set (drawn from
-    ``control_layers``, default: the layers the named heads span; the named heads excluded).
+    ``keys`` at END, and with ``n_controls`` distinct random head sets of the size of the largest named set
+    (:func:`control_heads`: drawn from ``control_layers``, default the layers the named heads span, widened when
+    too few heads remain; never a named head nor one in ``exclude``, e.g. every circuit head).
 
     One row per condition: ``condition``, ``heads``, ``top1_accuracy``, ``candidate_accuracy`` (among the three
-    listed colours), ``logit_diff_mean`` and their standard errors; controls have ``condition='random k'``."""
+    listed colours), ``logit_diff_mean`` and their standard errors; controls have ``condition='random k'`` and
+    ``pool`` names the layers they were drawn from."""
     rows = []
 
     def run(condition: str, chosen: tuple[Head, ...]) -> None:
@@ -153,11 +178,12 @@ def repair(
     size = max((len(c) for c in heads.values()), default=0)
     if size and n_controls:
         spanned = sorted({l for l, _ in named})
-        layers = control_layers or range(spanned[0], spanned[-1] + 1)
-        for i in range(n_controls):
-            chosen = random_heads(model.facts.n_layers, model.facts.n_heads, size, exclude=named, layers=layers,
-                                  seed=seed + i)
+        draws, layers = control_heads(model.facts.n_layers, model.facts.n_heads, size, n_controls,
+                                      exclude=named | set(exclude),
+                                      layers=control_layers or range(spanned[0], spanned[-1] + 1), seed=seed)
+        for chosen in draws:
             run(f"random {size}", chosen)
+            rows[-1]["pool"] = f"layers {layers.start}-{layers.stop - 1}, excluding {len(named | set(exclude))} heads"
     return pd.DataFrame(rows)
 
 
@@ -217,7 +243,7 @@ class ComponentAblation:
         def ablate(z, hook):
             z = z.clone()
             zh = z[..., self.head, :]
-            z[..., self.head, :] = zh - factor * (zh @ read.to(z.dtype)) @ back.to(z.dtype)
+            z[..., self.head, :] = zh - factor * (zh @ read.to(z)) @ back.to(z)
             return z
 
         return [(f"blocks.{self.layer}.attn.hook_z", ablate)]
@@ -242,12 +268,13 @@ def attention_contrast(
         seen["p"] = pattern[:, head].detach().clone()
         return pattern
 
-    ids = data.clean.ids
-    model.bridge.run_with_hooks(ids, fwd_hooks=[*(hooks or []), (f"blocks.{layer}.attn.hook_pattern", record)],
-                                stop_at_layer=layer + 1)
-    rows, q = torch.arange(len(data)), data.positions[query]
-    p = seen["p"]
-    return p[rows, q, data.positions[repeated]] - p[rows, q, data.positions[answer]]
+    out = []
+    for batch in data.batches(len(data), device=model.device):
+        model.bridge.run_with_hooks(batch.ids, fwd_hooks=[*(hooks or []), (f"blocks.{layer}.attn.hook_pattern", record)],
+                                    stop_at_layer=layer + 1)
+        p, rows, q = seen["p"], batch.rows, batch.at(query)
+        out.append((p[rows, q, batch.at(repeated)] - p[rows, q, batch.at(answer)]).cpu())
+    return torch.cat(out)
 
 
 def inhibition_scores(

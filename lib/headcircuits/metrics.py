@@ -24,16 +24,16 @@ HooksFor = Callable[[int, int], list]
 
 
 def logits_at(logits: Float[Tensor, "batch pos vocab"], positions: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
-    """Each prompt's logits at its own position (e.g. ``data.positions['END']``)."""
-    return logits[torch.arange(logits.shape[0]), positions]
+    """Each prompt's logits at its own position (e.g. ``data.at('END')``), on the logits' device."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), positions.to(logits.device)]
 
 
 def logit_difference(
     end_logits: Float[Tensor, "batch vocab"], answer: Int[Tensor, " batch"], distractor: Int[Tensor, " batch"]
 ) -> Float[Tensor, " batch"]:
-    """logit(answer) - logit(distractor), per prompt."""
-    rows = torch.arange(end_logits.shape[0])
-    return end_logits[rows, answer] - end_logits[rows, distractor]
+    """logit(answer) - logit(distractor), per prompt (on the logits' device)."""
+    rows = torch.arange(end_logits.shape[0], device=end_logits.device)
+    return end_logits[rows, answer.to(end_logits.device)] - end_logits[rows, distractor.to(end_logits.device)]
 
 
 class _Stop(Exception):
@@ -51,12 +51,13 @@ def final_normed(
     grabbed = {}
 
     def grab(x, hook):
-        rows = torch.arange(x.shape[0])
-        grabbed["x"] = (x[:, -1] if positions is None else x[rows, positions]).clone()
+        rows = torch.arange(x.shape[0], device=x.device)
+        grabbed["x"] = (x[:, -1] if positions is None else x[rows, positions.to(x.device)]).clone()
         raise _Stop
 
     try:
-        model.bridge.run_with_hooks(ids, fwd_hooks=[*(hooks or []), ("ln_final.hook_out", grab)], **kwargs)
+        model.bridge.run_with_hooks(ids.to(model.device), fwd_hooks=[*(hooks or []), ("ln_final.hook_out", grab)],
+                                    **kwargs)
     except _Stop:
         pass
     return grabbed["x"]
@@ -68,9 +69,11 @@ def unembed(
     """Logits from the final-norm output: all of them, or only ``columns`` per row; the model's final logit
     soft-capping is applied if it has one (so this equals the model's own logits)."""
     W_U, b_U = model.bridge.W_U.detach(), model.bridge.b_U.detach()
+    normed = normed.to(W_U.device)
     if columns is None:
         logits = normed @ W_U + b_U
     else:
+        columns = columns.to(W_U.device)
         logits = torch.einsum("bd,dbk->bk", normed, W_U[:, columns]) + b_U[columns]
     cap = getattr(model.bridge.original_model.config, "final_logit_softcapping", None)
     return cap * torch.tanh(logits / cap) if cap else logits
@@ -80,18 +83,13 @@ def unembed(
 def end_logits(
     model: Model, data: TaskData, which: str = "clean", batch_size: int = 32, hooks_for: HooksFor | None = None
 ) -> Float[Tensor, "batch vocab"]:
-    """Logits at END of the clean (or ``corrupt``) prompts, computed in batches (unembedding END only);
-    ``hooks_for(start, stop)`` gives forward hooks for each batch (an intervention, see
-    :mod:`headcircuits.interventions`)."""
-    tokens = data.clean if which == "clean" else data.corrupt
-    # END of the counterfactual prompts is their own last token (they may differ in length from the clean ones)
-    ends = data.positions["END"] if which == "clean" else tokens.last
+    """Logits at END of the clean (or ``corrupt``) prompts, computed in batches on the model's device (unembedding
+    END only), returned on the CPU; ``hooks_for(start, stop)`` gives forward hooks for each batch (an
+    intervention, see :mod:`headcircuits.interventions`)."""
     out = []
-    for start in range(0, tokens.ids.shape[0], batch_size):
-        stop = start + batch_size
-        ids = tokens.ids[start:stop, : int(tokens.lengths[start:stop].max())]
-        hooks = [] if hooks_for is None else hooks_for(start, min(stop, len(data)))
-        out.append(unembed(model, final_normed(model, ids, hooks, ends[start:stop])))
+    for batch in data.batches(batch_size, which, model.device):
+        hooks = [] if hooks_for is None else hooks_for(batch.start, batch.stop)
+        out.append(unembed(model, final_normed(model, batch.ids, hooks, batch.at("END"))).cpu())
     return torch.cat(out)
 
 
@@ -192,15 +190,11 @@ def attention_between_pairs(
 ) -> dict[tuple[str, str], Float[Tensor, "layer head"]]:
     """:func:`attention_between` for several (query, key) position pairs from one pass over the prompts."""
     n_layers, n_heads = model.facts.n_layers, model.facts.n_heads
-    totals = {pair: torch.zeros(n_layers, n_heads) for pair in pairs}
-    for start in range(0, len(data), batch_size):
-        stop = start + batch_size
-        ids = data.clean.ids[start:stop, : int(data.clean.lengths[start:stop].max())]
-        _, cache = model.bridge.run_with_cache(ids, names_filter=lambda name: name.endswith("attn.hook_pattern"))
-        rows = torch.arange(ids.shape[0])
+    totals = {pair: torch.zeros(n_layers, n_heads, device=model.device) for pair in pairs}
+    for batch in data.batches(batch_size, device=model.device):
+        _, cache = model.bridge.run_with_cache(batch.ids, names_filter=lambda name: name.endswith("attn.hook_pattern"))
         for layer in range(n_layers):
             pattern = cache[f"blocks.{layer}.attn.hook_pattern"]  # [batch, head, query, key]
             for (query, key), total in totals.items():
-                q_pos, k_pos = data.positions[query][start:stop], data.positions[key][start:stop]
-                total[layer] += pattern[rows, :, q_pos, k_pos].sum(0)
-    return {pair: total / len(data) for pair, total in totals.items()}
+                total[layer] += pattern[batch.rows, :, batch.at(query), batch.at(key)].sum(0)
+    return {pair: (total / len(data)).cpu() for pair, total in totals.items()}

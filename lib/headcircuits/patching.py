@@ -19,8 +19,11 @@ Path patching measures a *sender* head's effect on a set of *receivers* through 
 Two implementations compute the same numbers: the *reference* (:func:`path_patch_ld`), a plain loop over senders
 that follows those steps literally, and the *fast* one (:func:`path_patch_fast_ld`, any receivers), which
 exploits that frozen heads move no information between positions (see its docstring).
-On grouped-K/V models (SmolLM2, Gemma) a k or v receiver is the shared K/V head of the receiver's group, so
-every query head of that group sees the patch.
+On grouped-K/V models (SmolLM2: 3 query heads per K/V head; Gemma-3: one K/V head per layer) a k or v
+receiver is, by default, the receiver *query head's own* key or value (``Receivers(kv="head")``, the per-head
+stages of Wang et al.): the patch is applied to an exactly equivalent copy of the model with one K/V head per
+query head (:func:`headcircuits.models.ungrouped`), so the other query heads of the group keep their clean
+keys and values. ``kv="group"`` patches the shared K/V head, which every query head of the group then sees.
 """
 
 from __future__ import annotations
@@ -34,16 +37,30 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headcircuits.metrics import final_normed, logit_difference, logits_at, unembed
-from headcircuits.models.core import Model
+from headcircuits.models import ungrouped
+from headcircuits.models.core import Head, Model
 from headcircuits.progress import tqdm
 from headcircuits.tasks.base import TaskData
 
-Head = tuple[int, int]
 
+def normalised_effect(
+    ld_patched: Tensor, ld_clean: Tensor, ld_corrupt: Tensor, per_batch: int | None = None
+) -> Tensor:
+    """The normalised effect of a patch; ``ld_patched`` may have leading dimensions (e.g. [layer, head, batch]);
+    the last one is the prompts.
 
-def normalised_effect(ld_patched: Tensor, ld_clean: Tensor, ld_corrupt: Tensor) -> Tensor:
-    """(mean LD_patched - mean LD_clean) / (mean LD_corrupt - mean LD_clean); ``ld_patched`` may have leading
-    dimensions (e.g. [layer, head, batch]); the last one is the prompts."""
+    * ``per_batch=None`` (ours, the default): a ratio of means over all prompts,
+      (mean LD_patched - mean LD_clean) / (mean LD_corrupt - mean LD_clean);
+    * ``per_batch=25`` (Circuit Component Reuse's code): the same ratio in each consecutive batch of 25 prompts,
+      then averaged over batches (a last, smaller batch counts as one batch).
+    """
+    if per_batch is not None:
+        if per_batch < 1:
+            raise ValueError(f"per_batch must be a positive batch size (the paper's: 25), not {per_batch}")
+        n = ld_clean.shape[-1]
+        parts = [normalised_effect(ld_patched[..., i : i + per_batch], ld_clean[i : i + per_batch],
+                                   ld_corrupt[i : i + per_batch]) for i in range(0, n, per_batch)]
+        return torch.stack(parts).mean(0)
     denominator = ld_corrupt.mean() - ld_clean.mean()
     if abs(float(denominator)) < 1e-6:
         raise ValueError(
@@ -56,18 +73,30 @@ def normalised_effect(ld_patched: Tensor, ld_clean: Tensor, ld_corrupt: Tensor) 
 @dataclass(frozen=True)
 class Receivers:
     """Where a sender's effect is read: ``logits`` (the final residual stream), or the ``q`` / ``k`` / ``v``
-    input of the listed receiver heads at a named position of the TaskData (e.g. the movers' queries at END)."""
+    input of the listed receiver heads at a named position of the TaskData (e.g. the movers' queries at END).
+    ``kv``: on grouped-K/V models, a k / v receiver is the query head's own key / value (``"head"``, default)
+    or its group's shared K/V head (``"group"``); see the module docstring."""
 
     kind: Literal["logits", "q", "k", "v"] = "logits"
     heads: tuple[Head, ...] = ()
     position: str = "END"
+    kv: Literal["head", "group"] = "head"
 
     def __post_init__(self):
         if self.kind not in ("logits", "q", "k", "v"):
             raise ValueError(f"receiver kind must be logits, q, k or v, not {self.kind!r}")
         if self.kind != "logits" and not self.heads:
             raise ValueError(f"{self.kind} receivers need at least one receiver head")
+        if self.kv not in ("head", "group"):
+            raise ValueError(f"kv must be 'head' (per query head) or 'group' (the shared K/V head), not {self.kv!r}")
 
+    def check(self, model: Model, data: TaskData) -> None:
+        """Refuse receivers that do not exist in this model or at a position these prompts lack."""
+        L, H = model.facts.n_layers, model.facts.n_heads
+        bad = [h for h in self.heads if not (0 <= h[0] < L and 0 <= h[1] < H)]
+        if bad:
+            raise ValueError(f"receiver heads {bad} do not exist in {model.name} ({L} layers x {H} heads)")
+        data.at(self.position)  # raises with the fix when a prompt lacks the position
     @property
     def layers(self) -> list[int]:
         return sorted({layer for layer, _ in self.heads})
@@ -89,6 +118,7 @@ class Baseline:
     z_corrupt: list[Tensor]
     mlp_clean: list[Tensor]  # per layer [batch, pos, d_model]
     resid0_clean: Tensor  # the residual stream entering block 0 (embeddings), [batch, pos, d_model]
+    key: str | None = None  # fingerprint of the model and prompts it was run on (keys cached tables)
 
 
 def _z(layer: int) -> str:
@@ -108,18 +138,22 @@ def _check(data: TaskData) -> None:
 
 
 def _ld(model: Model, logits: Tensor, data: TaskData) -> Tensor:
-    return logit_difference(logits_at(logits, data.positions["END"]), data.answer, data.distractor)
+    return logit_difference(logits_at(logits, data.at("END")), data.answer, data.distractor)
 
 
 @torch.no_grad()
 def baseline(model: Model, data: TaskData) -> Baseline:
-    """Run clean and counterfactual prompts once, caching every head's ``z`` and every MLP's output."""
+    """Run clean and counterfactual prompts once, caching every head's ``z`` and every MLP's output (on the
+    model's device)."""
+    from headcircuits.cache import fingerprint
+
     _check(data)
     L = model.facts.n_layers
     names = lambda n: n.endswith(("attn.hook_z", "hook_mlp_out")) or n == "blocks.0.hook_resid_pre"  # noqa: E731
-    clean_logits, clean = model.bridge.run_with_cache(data.clean.ids, names_filter=names)
-    corrupt_logits, corrupt = model.bridge.run_with_cache(data.corrupt.ids, names_filter=names)
+    clean_logits, clean = model.bridge.run_with_cache(data.clean.ids.to(model.device), names_filter=names)
+    corrupt_logits, corrupt = model.bridge.run_with_cache(data.corrupt.ids.to(model.device), names_filter=names)
     return Baseline(
+        key=fingerprint({"model": model, "data": data}),
         ld_clean=_ld(model, clean_logits, data),
         ld_corrupt=_ld(model, corrupt_logits, data),
         z_clean=[clean[_z(l)].clone() for l in range(L)],
@@ -129,13 +163,21 @@ def baseline(model: Model, data: TaskData) -> Baseline:
     )
 
 
-def _position_mask(data: TaskData, position: str | None, shape: tuple[int, int]) -> Tensor:
+def _position_mask(data: TaskData, position: str | None, shape: tuple[int, int], device) -> Tensor:
     """[batch, pos] True where a patch applies: every position (None) or each prompt's named position."""
     if position is None:
-        return torch.ones(shape, dtype=torch.bool)
-    mask = torch.zeros(shape, dtype=torch.bool)
-    mask[torch.arange(shape[0]), data.positions[position]] = True
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    mask[torch.arange(shape[0], device=device), data.at(position).to(device)] = True
     return mask
+
+
+def _receiving_model(model: Model, receivers: Receivers) -> Model:
+    """The model the experiment runs on: its ungrouped copy for per-head k / v receivers (see the module
+    docstring), else itself."""
+    if receivers.kind in ("k", "v") and receivers.kv == "head":
+        return ungrouped(model)
+    return model
 
 
 @torch.no_grad()
@@ -146,8 +188,9 @@ def activation_patch_heads(
     named position), everything downstream recomputed. One forward pass per head."""
     base = base or baseline(model, data)
     L, H = model.facts.n_layers, model.facts.n_heads
-    mask = _position_mask(data, position, tuple(data.clean.ids.shape))[..., None]
-    ld = torch.zeros(L, H, len(data))
+    mask = _position_mask(data, position, tuple(data.clean.ids.shape), model.device)[..., None]
+    ids = data.clean.ids.to(model.device)
+    ld = torch.zeros(L, H, len(data), device=model.device)
     for layer in tqdm(range(L), desc="activation patching", leave=False):
         for head in range(H):
             def patch(z, hook, layer=layer, head=head):
@@ -155,9 +198,9 @@ def activation_patch_heads(
                 z[..., head, :] = torch.where(mask, base.z_corrupt[layer][..., head, :], z[..., head, :])
                 return z
 
-            logits = model.bridge.run_with_hooks(data.clean.ids, fwd_hooks=[(_z(layer), patch)])
+            logits = model.bridge.run_with_hooks(ids, fwd_hooks=[(_z(layer), patch)])
             ld[layer, head] = _ld(model, logits, data)
-    return normalised_effect(ld, base.ld_clean, base.ld_corrupt)
+    return normalised_effect(ld, base.ld_clean, base.ld_corrupt).cpu()
 
 
 @torch.no_grad()
@@ -168,13 +211,13 @@ def activation_patch_residual(
     counterfactual value. At layer 0 and all positions this *is* the counterfactual run (effect 1)."""
     base = base or baseline(model, data)
     name = f"blocks.{layer}.hook_resid_pre"
-    _, cache = model.bridge.run_with_cache(data.corrupt.ids, names_filter=lambda n: n == name)
+    _, cache = model.bridge.run_with_cache(data.corrupt.ids.to(model.device), names_filter=lambda n: n == name)
     corrupt = cache[name]
-    mask = _position_mask(data, position, tuple(data.clean.ids.shape))[..., None]
+    mask = _position_mask(data, position, tuple(data.clean.ids.shape), model.device)[..., None]
     logits = model.bridge.run_with_hooks(
-        data.clean.ids, fwd_hooks=[(name, lambda x, hook: torch.where(mask, corrupt, x))]
+        data.clean.ids.to(model.device), fwd_hooks=[(name, lambda x, hook: torch.where(mask, corrupt, x))]
     )
-    return normalised_effect(_ld(model, logits, data)[None], base.ld_clean, base.ld_corrupt)[0]
+    return normalised_effect(_ld(model, logits, data)[None], base.ld_clean, base.ld_corrupt)[0].cpu()
 
 
 def _receiver_hook_name(kind: str, layer: int) -> str:
@@ -194,13 +237,17 @@ def path_patch_ld(
     progress: bool = True,
 ) -> tuple[dict[Head, Tensor], Baseline]:
     """The reference path patching loop: for each sender, its patched logit difference per prompt."""
+    receivers.check(model, data)
+    model = _receiving_model(model, receivers)
     base = base or baseline(model, data)
     L, H = model.facts.n_layers, model.facts.n_heads
     senders = senders if senders is not None else receivers.senders(L, H)
     group = model.facts.kv_group_size
-    sender_mask = _position_mask(data, sender_position, tuple(data.clean.ids.shape))[..., None]
-    receiver_rows = torch.arange(len(data))
-    receiver_pos = data.positions[receivers.position]
+    device = model.device
+    ids = data.clean.ids.to(device)
+    sender_mask = _position_mask(data, sender_position, tuple(data.clean.ids.shape), device)[..., None]
+    receiver_rows = torch.arange(len(data), device=device)
+    receiver_pos = data.at(receivers.position).to(device)
     out: dict[Head, Tensor] = {}
     for sender in tqdm(senders, desc="path patching (reference)", disable=not progress, leave=False):
         ls, hs = sender
@@ -223,7 +270,7 @@ def path_patch_ld(
                     return x
 
                 hooks.append((_receiver_hook_name(receivers.kind, layer), record))
-        logits = model.bridge.run_with_hooks(data.clean.ids, fwd_hooks=hooks)
+        logits = model.bridge.run_with_hooks(ids, fwd_hooks=hooks)
         if receivers.kind == "logits":
             out[sender] = _ld(model, logits, data)
             continue
@@ -242,7 +289,7 @@ def path_patch_ld(
                 return x
 
             patch_hooks.append((_receiver_hook_name(receivers.kind, layer), patch))
-        logits = model.bridge.run_with_hooks(data.clean.ids, fwd_hooks=patch_hooks)
+        logits = model.bridge.run_with_hooks(ids, fwd_hooks=patch_hooks)
         out[sender] = _ld(model, logits, data)
     return out, base
 
@@ -259,11 +306,16 @@ def path_patch(
     base: Baseline | None = None,
     progress: bool = True,
     cache: bool = False,
+    per_batch: int | None = None,
 ) -> Float[Tensor, "layer head"]:
-    """Normalised path-patching effect of every sender on the receivers, as a [layer, head] table (NaN for heads
-    that are not senders). See the module docstring for the three steps. ``method='fast'`` and ``'reference'`` (the paper's
-    loop) compute the same numbers. ``cache=True`` keeps the
-    table on disk (headcircuits.cache), keyed by the model, the prompts and every parameter."""
+    """Normalised path-patching effect of every sender on the receivers, as a [layer, head] table on the CPU (NaN
+    for heads that are not senders). See the module docstring for the three steps. ``method='fast'`` and
+    ``'reference'`` (the paper's loop) compute the same numbers. ``per_batch``: see :func:`normalised_effect`
+    (None: a ratio of means, ours; 25: Circuit Component Reuse's average of per-batch ratios). ``cache=True``
+    keeps the table on disk (headcircuits.cache), keyed by the model, the prompts, the baseline it starts from
+    and every parameter."""
+    if method not in ("fast", "reference"):
+        raise ValueError(f"method must be 'fast' or 'reference', not {method!r}")
 
     def compute() -> Tensor:
         run = path_patch_fast_ld if method == "fast" else path_patch_ld
@@ -271,15 +323,17 @@ def path_patch(
                      base=base, progress=progress)
         table = torch.full((model.facts.n_layers, model.facts.n_heads), float("nan"))
         for (layer, head), ld in lds.items():
-            table[layer, head] = normalised_effect(ld[None], b.ld_clean, b.ld_corrupt)[0]
+            table[layer, head] = float(normalised_effect(ld[None], b.ld_clean, b.ld_corrupt, per_batch)[0])
         return table
 
     if not cache:
         return compute()
-    from headcircuits.cache import cached
+    from headcircuits.cache import cached, fingerprint
 
+    base_key = None if base is None else (base.key or fingerprint([base.ld_clean, base.ld_corrupt, base.resid0_clean,
+                                                                     *base.z_clean, *base.z_corrupt]))
     key = {"model": model, "data": data, "receivers": receivers, "senders": senders, "freeze_mlps": freeze_mlps,
-           "sender_position": sender_position}
+           "sender_position": sender_position, "base": base_key, "per_batch": per_batch}
     return cached("path_patch", key, compute)
 
 
@@ -318,20 +372,23 @@ def path_patch_fast_ld(
     sender (at most ``max_rows`` at a time). The unembedding is skipped: the logit difference needs two columns.
     Agreement with the reference is tested on every tiny family for logits and q / k / v receivers.
     """
+    receivers.check(model, data)
+    model = _receiving_model(model, receivers)
     base = base or baseline(model, data)
     L, H = model.facts.n_layers, model.facts.n_heads
     senders = senders if senders is not None else receivers.senders(L, H)
     B, S_all = len(data), len(senders)
-    every = torch.arange(B)
-    where = data.positions["END" if receivers.kind == "logits" else receivers.position]  # P per prompt
+    device = model.device
+    every = torch.arange(B, device=device)
+    where = data.at("END" if receivers.kind == "logits" else receivers.position).to(device)  # P per prompt
     take = lambda t: t[every, where]  # noqa: E731  each prompt's value at P: [B, ...]
     resid0 = take(base.resid0_clean)
     z_clean = [take(z) for z in base.z_clean]
     z_corrupt = [take(z) for z in base.z_corrupt]
     mlp_clean = [take(m) for m in base.mlp_clean]
-    sender_on = take(_position_mask(data, sender_position, tuple(data.clean.ids.shape)))  # [B]
-    token_ids = take(data.clean.ids)[:, None]  # [B, 1]
-    ld = torch.zeros(B, S_all, dtype=base.ld_clean.dtype)
+    sender_on = take(_position_mask(data, sender_position, tuple(data.clean.ids.shape), device))  # [B]
+    token_ids = take(data.clean.ids.to(device))[:, None]  # [B, 1]
+    ld = torch.zeros(B, S_all, dtype=base.ld_clean.dtype, device=device)
     recorded: dict[int, list[Tensor]] = {layer: [] for layer in receivers.layers}  # per chunk [B, S, heads, d]
     chunks = [senders[i : i + chunk] for i in range(0, S_all, chunk)]
     bar = tqdm(total=len(chunks) + (0 if receivers.kind == "logits" else B), desc="path patching (fast)",
@@ -390,12 +447,13 @@ def _step3_one_prompt(
     }
     low = min(receivers.layers)
     end = int(data.positions["END"][b])
-    tail = data.clean.ids[b : b + 1, p : end + 1]  # [1, T]
+    ids = data.clean.ids[b : b + 1].to(model.device)
+    tail = ids[:, p : end + 1]  # [1, T]
     prefix = None
     if p > 0:
-        _, prefix = model.bridge(data.clean.ids[b : b + 1, :p], return_type="logits_and_cache")
+        _, prefix = model.bridge(ids[:, :p], return_type="logits_and_cache")
     S_all = next(iter(inputs.values())).shape[1]
-    out = torch.zeros(S_all, dtype=next(iter(inputs.values())).dtype)
+    out = torch.zeros(S_all, dtype=next(iter(inputs.values())).dtype, device=model.device)
     for s0 in range(0, S_all, max_rows):
         s1 = min(S_all, s0 + max_rows)
         n = s1 - s0

@@ -98,7 +98,7 @@ def _norm_scales(model: Model) -> Tensor:
         weights = [layer.input_layernorm.weight for layer in hf.gpt_neox.layers]
     else:
         weights = [layer.input_layernorm.weight for layer in hf.model.layers]
-    scale = torch.stack([w.detach().float() for w in weights])
+    scale = torch.stack([w.detach().float().cpu() for w in weights])
     return 1.0 + scale if family == "gemma3" else scale
 
 
@@ -109,9 +109,9 @@ def from_model(model: Model, *, fold_norm: bool = True, center: bool | None = No
     """
     b = model.bridge
     group = model.facts.kv_group_size
-    with torch.no_grad():
-        W_Q, W_O = b.W_Q.detach().float(), b.W_O.detach().float()
-        W_K, W_V = b.W_K.detach().float(), b.W_V.detach().float()
+    with torch.no_grad():  # weights-only analysis runs on the CPU: the same numbers whatever device the model is on
+        W_Q, W_O = b.W_Q.detach().float().cpu(), b.W_O.detach().float().cpu()
+        W_K, W_V = b.W_K.detach().float().cpu(), b.W_V.detach().float().cpu()
     if W_K.shape[1] != W_Q.shape[1]:  # grouped K/V heads: query head h reads K/V head h // group
         W_K, W_V = W_K.repeat_interleave(group, dim=1), W_V.repeat_interleave(group, dim=1)
     if center is None:
@@ -169,10 +169,23 @@ class HeadSVD:
     Vh: Tensor
 
 
+def fix_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+    """An SVD determines each pair (u_k, v_k) only up to a joint sign, and LAPACK builds may pick either. Our
+    convention: the entry of largest magnitude of every row of ``Vh`` is positive (``U``'s columns flip with
+    them, so U diag(S) Vh is unchanged). Coordinates, correlations and plots along components are then the same
+    on every machine."""
+    index = Vh.abs().argmax(dim=-1, keepdim=True)
+    sign = torch.sign(Vh.gather(-1, index))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)  # [..., k, 1]
+    return U * sign.transpose(-1, -2), Vh * sign
+
+
 def head_svd(circuit: FactoredMatrix) -> HeadSVD:
-    """SVD of a factored [layer, head] circuit (via its small core; never dense)."""
+    """SVD of a factored [layer, head] circuit (via its small core; never dense), signs fixed by
+    :func:`fix_signs`."""
     U, S, V = circuit.svd()
-    return HeadSVD(U=U, S=S, Vh=V.transpose(-1, -2))
+    U, Vh = fix_signs(U, V.transpose(-1, -2))
+    return HeadSVD(U=U, S=S, Vh=Vh)
 
 
 # --- composition scores ---------------------------------------------------------------------------------------------
@@ -262,7 +275,3 @@ def component_scores(
     scores = torch.linalg.vector_norm(rows, dim=-1) / frobenius(M.A, M.B)
     return scores if top is None else scores[:top]
 
-
-def head_labels(n_layers: int, n_heads: int) -> list[str]:
-    """``L{layer}H{head}`` labels in flattened order."""
-    return [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]

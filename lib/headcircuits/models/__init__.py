@@ -19,12 +19,11 @@ in the papers' code.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
@@ -90,10 +89,14 @@ def known_models() -> str:
     return "\n".join(f"  {name:14s} [{spec.kind}] {spec.description}" for name, spec in MODELS.items())
 
 
+def default_device() -> str:
+    """``$HEADCIRCUITS_DEVICE`` when set (e.g. ``cpu`` or ``cuda``: the test suite runs on either), else CUDA
+    when available, else the CPU."""
+    return os.environ.get("HEADCIRCUITS_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _device(device: str | torch.device | None) -> str:
-    if device is not None:
-        return str(device)
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device) if device is not None else default_device()
 
 
 def _boot(path_or_id: str, device: str, **kwargs):
@@ -109,6 +112,15 @@ def _boot(path_or_id: str, device: str, **kwargs):
         if bars_were_on:
             hf_logging.enable_progress_bar()
     bridge.eval()
+    return bridge
+
+
+def _to(bridge, device):
+    """The bridge on ``device`` (a bridge handed an existing HF model keeps it where it was)."""
+    here = next(iter(bridge.parameters())).device
+    if torch.device(device) != here and not (torch.device(device).type == here.type == "cuda"
+                                             and torch.device(device).index is None):
+        bridge.to(device)
     return bridge
 
 
@@ -129,23 +141,13 @@ def _hub_cached(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urlparse(endpoint)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _hub_error(name: str, spec: ModelSpec, why: str) -> HubUnreachableError:
     offline = ", ".join(repr(n) for n in OFFLINE_MODELS)
     return HubUnreachableError(
         f"cannot load {name!r} ({spec.hub_id} on the Hugging Face hub): {why}.\n"
-        f"Either use an offline model ({offline}; e.g. load_model('{DEFAULT_MODEL}'), or set the notebook "
-        f"parameter model='{DEFAULT_MODEL}'), or, on a machine with internet, download it once with\n"
+        f"Either use an offline model ({offline}; e.g. load_model('{DEFAULT_MODEL}'), or the notebook "
+        f"parameter model_names='{DEFAULT_MODEL}', e.g. `headcircuits build-book -p model_names={DEFAULT_MODEL}`), "
+        f"or, on a machine with internet, download it once with\n"
         f"  python -c \"from huggingface_hub import snapshot_download; snapshot_download('{spec.hub_id}')\"\n"
         f"and unset HF_HUB_OFFLINE."
     )
@@ -157,8 +159,13 @@ def _load_hub(name: str, spec: ModelSpec, device: str) -> Model:
     if not _hub_cached(spec.hub_id):
         if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
             raise _hub_error(name, spec, "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
-        if not _hub_reachable():
-            raise _hub_error(name, spec, "it is not in the local Hugging Face cache and the hub cannot be reached")
+        from huggingface_hub import hf_hub_download
+
+        try:  # the hub client's own request: it honours proxies, HF_ENDPOINT and its retry policy
+            hf_hub_download(spec.hub_id, "config.json", etag_timeout=10)
+        except OSError as exc:  # LocalEntryNotFoundError and connection errors are OSErrors
+            raise _hub_error(name, spec, f"it is not in the local Hugging Face cache and the hub cannot be reached "
+                                         f"({type(exc).__name__})") from exc
     bridge = _boot(spec.hub_id, device)
     facts = facts_from_config(
         name, bridge.original_model.config, prepend_bos=spec.prepend_bos, quantisation=None,
@@ -170,12 +177,26 @@ def _load_hub(name: str, spec: ModelSpec, device: str) -> Model:
 
 def _load_tiny(name: str, spec: ModelSpec, device: str, seed: int) -> Model:
     tokenizer = tiny_tokenizer()
-    hf_model = tiny_hf_model(spec.family, tokenizer, seed=seed)
-    bridge = _boot(name, device, hf_model=hf_model, tokenizer=tokenizer)
+    hf_model = tiny_hf_model(spec.family, tokenizer, seed=seed).to(device)
+    bridge = _to(_boot(name, device, hf_model=hf_model, tokenizer=tokenizer), device)
     facts = facts_from_config(
         name, hf_model.config, prepend_bos=spec.prepend_bos, quantisation=None, source=f"random init (seed {seed})"
     )
     return Model(bridge=bridge, tokenizer=tokenizer, facts=facts, weights_id=f"tiny:{spec.family}:seed{seed}")
+
+
+def model_names(value: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The notebooks' ``model_names`` parameter as a list of known zoo names: one name (``"gemma-3-270m"``), a
+    comma-separated string (``"smollm2-135m,gemma-3-270m"``, as a command line gives it) or a list; an unknown
+    or empty value is refused with the list of known models."""
+    names = [value] if isinstance(value, str) else list(value)
+    names = [n.strip() for item in names for n in str(item).split(",") if n.strip()]
+    if not names:
+        raise UnknownModelError(f"model_names names no model. Known models:\n{known_models()}")
+    unknown = [n for n in names if n.lower() not in MODELS]
+    if unknown:
+        raise UnknownModelError(f"unknown model(s) {unknown} in model_names. Known models:\n{known_models()}")
+    return [n.lower() for n in names]
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = None, *, seed: int = 0) -> Model:
@@ -198,10 +219,59 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
     return _load_tiny(key, spec, dev, seed)
 
 
-def prepare_offline_models(names: list[str] | None = None, *, force: bool = False) -> dict[str, Path]:
-    """Dequantise and cache the offline models (the book build calls this once)."""
+def ungrouped(model: Model) -> Model:
+    """The same model with one key/value head per query head: each grouped K/V projection is repeated for
+    every query head of its group (every other weight is shared, not copied). It computes exactly the same
+    function, but a key or value can now be patched for *one* query head, as path patching's per-head k / v
+    receivers need (Wang et al.'s stages are per head). A model without grouped K/V heads is returned as it is;
+    the result is kept on ``model`` and built once."""
+    if not model.facts.grouped_kv:
+        return model
+    if model._ungrouped is not None:
+        return model._ungrouped
+    import copy
+
+    hf = model.bridge.original_model
+    group = model.facts.kv_group_size
+    config = copy.deepcopy(hf.config)
+    config.num_key_value_heads = config.num_attention_heads
+    with torch.device(model.device):
+        copy_model = type(hf)(config)
+    wanted = copy_model.state_dict().keys()
+    # the bridge wraps the HF modules in place: their state-dict keys gain "._original_component" segments
+    state = {}
+    for key, value in hf.state_dict().items():
+        plain = key.replace("._original_component", "")
+        if plain in wanted and plain not in state:
+            state[plain] = value
+    for key in list(state):
+        if key.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_proj.bias",
+                         "self_attn.v_proj.bias")):
+            w = state[key]
+            shape = (model.facts.n_kv_heads, model.facts.d_head, *w.shape[1:])
+            state[key] = w.reshape(shape).repeat_interleave(group, dim=0).reshape(-1, *w.shape[1:])
+    copy_model.load_state_dict(state, assign=True, strict=True)
+    copy_model.tie_weights()
+    copy_model.eval()
+    bridge = _to(_boot(model.name, str(model.device), hf_model=copy_model, tokenizer=model.tokenizer), model.device)
+    facts = dataclasses.replace(model.facts, n_kv_heads=model.facts.n_heads)
+    model._ungrouped = Model(bridge=bridge, tokenizer=model.tokenizer, facts=facts,
+                             weights_id=model.weights_id + ":ungrouped")
+    return model._ungrouped
+
+
+def prepare_offline_models(
+    names: list[str] | None = None, *, force: bool = False, full_check: bool = True
+) -> dict[str, Path]:
+    """Dequantise and cache the offline models (``make book`` calls this once); every file of an existing entry
+    is checked by its sha256 (``full_check``), a damaged one is rebuilt."""
     names = list(OFFLINE_MODELS) if names is None else names
-    return {n: prepare(n, OFFLINE_MODELS[n].gguf, force=force) for n in names}
+    unknown = [n for n in names if n not in OFFLINE_MODELS]
+    if unknown:
+        raise UnknownModelError(
+            f"{unknown} are not offline models; prepare-models knows {sorted(OFFLINE_MODELS)} (hub models are "
+            f"downloaded by the Hugging Face cache, tiny ones are built on the fly)")
+    return {n: prepare(n, OFFLINE_MODELS[n].gguf, force=force, full_check=full_check) for n in names}
 
 
 __all__ = [
@@ -215,8 +285,11 @@ __all__ = [
     "TINY_WORDS",
     "Tokens",
     "cache_root",
+    "default_device",
     "known_models",
     "load_model",
+    "model_names",
     "prepare_offline_models",
+    "ungrouped",
     "verify_entry",
 ]

@@ -8,7 +8,7 @@ Gemma-3 collapses without one, so this library never relies on that default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import torch
@@ -18,6 +18,9 @@ from torch import Tensor
 from headcircuits.errors import VocabularyError
 
 Family = Literal["gpt2", "llama", "gemma3", "gpt-neox"]
+
+#: An attention head, ``(layer, head)``; grouped K/V models index query heads.
+Head = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class Tokens:
     @property
     def mask(self) -> torch.BoolTensor:
         """True at real tokens, False at padding."""
-        positions = torch.arange(self.ids.shape[1])
+        positions = torch.arange(self.ids.shape[1], device=self.ids.device)
         return positions[None, :] < self.lengths[:, None]
 
     @property
@@ -114,10 +117,19 @@ class Model:
     tokenizer: object
     facts: ModelFacts
     weights_id: str = ""  # which weights exactly (cache manifest hash, hub id, random seed): keys cached results
+    _ungrouped: "Model | None" = field(default=None, repr=False, compare=False)  # see models.ungrouped
 
     @property
     def name(self) -> str:
         return self.facts.name
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live; every tensor an experiment makes for a forward pass goes here, and
+        public results (tables, cached values) come back on the CPU."""
+        for parameter in self.bridge.parameters():
+            return parameter.device
+        return torch.device("cpu")
 
     @property
     def pad_id(self) -> int:
@@ -172,13 +184,13 @@ class Model:
     def logits(self, tokens: Tokens | Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos vocab"]:
         """Logits of a whole batch (no hooks)."""
         ids = tokens.ids if isinstance(tokens, Tokens) else tokens
-        return self.bridge(ids)
+        return self.bridge(ids.to(self.device))
 
     @torch.no_grad()
     def final_logits(self, tokens: Tokens) -> Float[Tensor, "batch vocab"]:
         """Logits at each prompt's own last real token (not index -1, which is padding for shorter prompts)."""
         logits = self.logits(tokens)
-        return logits[torch.arange(len(tokens.lengths)), tokens.last]
+        return logits[torch.arange(len(tokens.lengths), device=logits.device), tokens.last.to(logits.device)].cpu()
 
     def __repr__(self) -> str:
         f = self.facts

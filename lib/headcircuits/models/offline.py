@@ -8,8 +8,10 @@ Preparation (once per machine, ~30 s for SmolLM2, ~70 s for Gemma-3):
    with its tokenizer, into a temporary directory next to the cache entry;
 4. write a manifest with the sha256 of every file, then rename the directory into place (atomic).
 
-Loading verifies the manifest; an entry that is half-written (no manifest) or corrupted (a checksum differs) is
-deleted and rebuilt. Nothing here touches the network.
+Loading checks every file's size and modification time against the manifest (cheap); a file whose size or
+time differs is then checked by its sha256, and the full sha256 check runs right after preparing and on demand
+(``headcircuits prepare-models --verify``). An entry that is half-written (no manifest) or corrupted (a checksum
+differs) is deleted and rebuilt. Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -89,8 +91,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_entry(entry: Path) -> str | None:
-    """None when a cache entry is complete and intact, otherwise what is wrong with it."""
+def verify_entry(entry: Path, *, full: bool = True) -> str | None:
+    """None when a cache entry is complete and intact, otherwise what is wrong with it. ``full=False`` trusts a
+    file whose size and modification time match the manifest (no hashing, for every load) and hashes the others;
+    ``full=True`` hashes every file."""
     manifest_path = entry / MANIFEST
     if not entry.is_dir():
         return "missing"
@@ -106,9 +110,29 @@ def verify_entry(entry: Path) -> str | None:
         path = entry / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
-            return f"{name} is corrupted (size or sha256 differs from the manifest)"
+        stat = path.stat()
+        if stat.st_size != expected["size"]:
+            return f"{name} is corrupted (its size differs from the manifest)"
+        if not full and stat.st_mtime_ns == expected.get("mtime_ns"):
+            continue
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} is corrupted (its sha256 differs from the manifest)"
     return None
+
+
+def _record_times(entry: Path) -> None:
+    """Add modification times to an intact entry whose manifest predates them (so later loads need no hashing)."""
+    path = entry / MANIFEST
+    manifest = json.loads(path.read_text())
+    if all("mtime_ns" in f for f in manifest["files"].values()):
+        return
+    if verify_entry(entry, full=True) is not None:
+        return
+    for name, f in manifest["files"].items():
+        f["mtime_ns"] = (entry / name).stat().st_mtime_ns
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path)
 
 
 def _dequantise_into(gguf_path: Path, out_dir: Path) -> None:
@@ -134,12 +158,16 @@ def _dequantise_into(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def prepare(name: str, source: GGUFSource, *, force: bool = False, root: Path | None = None) -> Path:
-    """Return a verified directory holding the dequantised model ``name``; build it if absent or damaged."""
+def prepare(
+    name: str, source: GGUFSource, *, force: bool = False, root: Path | None = None, full_check: bool = False,
+) -> Path:
+    """Return a verified directory holding the dequantised model ``name``; build it if absent or damaged
+    (``full_check``: hash every file even when sizes and times match the manifest)."""
     models_dir = (root or cache_root()) / "models"
     entry = models_dir / name
-    problem = verify_entry(entry)
+    problem = verify_entry(entry, full=full_check)
     if problem is None and not force:
+        _record_times(entry)
         return entry
     if entry.exists():
         if problem not in (None, "missing"):
@@ -153,7 +181,8 @@ def prepare(name: str, source: GGUFSource, *, force: bool = False, root: Path | 
         if gguf_path.parent == staging:
             gguf_path.unlink()  # the assembled GGUF is not needed after dequantisation
         files = {
-            p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(staging.iterdir()) if p.is_file()
+            p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": _sha256(p)}
+            for p in sorted(staging.iterdir()) if p.is_file()
         }
         manifest = {
             "format": CACHE_FORMAT,

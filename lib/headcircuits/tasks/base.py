@@ -9,7 +9,7 @@ is a pad token for every shorter prompt).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Literal, Sequence
 
 import pandas as pd
 import torch
@@ -57,8 +57,48 @@ class TaskData:
         wrong = {k: v for k, v in sizes.items() if v != n}
         if wrong:
             raise ValueError(f"TaskData of {n} prompts has fields of other lengths: {wrong}")
+        if n == 0:
+            raise ValueError("TaskData needs at least one prompt (ask the generator for n >= 1)")
         if "END" not in self.positions:
             raise ValueError("TaskData.positions must contain END")
+
+    def tokens(self, which: Literal["clean", "corrupt"] = "clean") -> Tokens:
+        """The clean or the counterfactual batch."""
+        if which not in ("clean", "corrupt"):
+            raise ValueError(f"which must be 'clean' or 'corrupt', not {which!r}")
+        return self.clean if which == "clean" else self.corrupt
+
+    def at(self, name: str, which: Literal["clean", "corrupt"] = "clean") -> Int[Tensor, " batch"]:
+        """Each prompt's position ``name``, checked to lie inside that prompt (a position that a prompt lacks is
+        stored as -1, e.g. ``ITEM_7`` of a list of 5: reading it would silently read padding, so it is refused).
+        ``END`` of the counterfactual prompts is their own last token."""
+        tokens = self.tokens(which)
+        if name == "END" and which == "corrupt":
+            return tokens.last
+        if name not in self.positions:
+            raise KeyError(f"position {name!r} is not in this {self.task} TaskData; it has {sorted(self.positions)}")
+        pos = self.positions[name]
+        bad = ((pos < 0) | (pos >= tokens.lengths)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"position {name!r} is absent (or past the end) in {len(bad)} of {len(self)} prompts (rows "
+                f"{bad[:8]}{' ...' if len(bad) > 8 else ''}): select the prompts that have it first, e.g. "
+                f"data.subset(data.positions[{name!r}].ge(0).nonzero().flatten())"
+            )
+        return pos
+
+    def batches(
+        self, batch_size: int = 32, which: Literal["clean", "corrupt"] = "clean", device: str | torch.device = "cpu",
+    ) -> Iterator["Batch"]:
+        """The prompts in batches of ``batch_size``, each trimmed to its own longest prompt and moved to
+        ``device`` (the model's): the one way experiments run a TaskData through a model."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        tokens = self.tokens(which)
+        for start in range(0, len(self), batch_size):
+            stop = min(start + batch_size, len(self))
+            width = int(tokens.lengths[start:stop].max())
+            yield Batch(self, which, start, stop, tokens.ids[start:stop, :width].to(device), torch.device(device))
 
     def subset(self, index: Sequence[int] | Tensor) -> "TaskData":
         """The prompts at ``index`` (e.g. one list length, or a held-out split), as a new TaskData."""
@@ -97,6 +137,34 @@ class TaskData:
 
     def __len__(self) -> int:
         return len(self.clean_text)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Prompts ``start:stop`` of a TaskData: ``ids`` trimmed to the batch's longest prompt, on ``device``."""
+
+    data: TaskData
+    which: str
+    start: int
+    stop: int
+    ids: Int[Tensor, "batch pos"]
+    device: torch.device
+
+    @property
+    def rows(self) -> Int[Tensor, " batch"]:
+        """0 .. batch-1 on the device, to index per-prompt positions: ``x[batch.rows, batch.at("END")]``."""
+        return torch.arange(self.stop - self.start, device=self.device)
+
+    def at(self, name: str) -> Int[Tensor, " batch"]:
+        """This batch's positions ``name`` (validated, see :meth:`TaskData.at`), on the device."""
+        return self.data.at(name, self.which)[self.start : self.stop].to(self.device)
+
+    def gather(self, x: Tensor, name: str) -> Tensor:
+        """``x[b, position_b]`` for every prompt b of the batch (``x``: [batch, pos, ...])."""
+        return x[self.rows, self.at(name)]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
 
 
 def single_token_ids(model: Model, words: Sequence[str]) -> list[int]:

@@ -18,9 +18,11 @@ points inhibition heads at), QUERY (the object word in "What color is the ...?",
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import pandas as pd
@@ -158,6 +160,40 @@ def build(model: Model, pairs: list[tuple[Question, Question, int]], seed: int |
     )
 
 
+PAPER_DATA = Path(__file__).resolve().parents[1] / "data" / "circuit_reuse"
+
+
+def paper_prompts() -> list[tuple[Question, Question, int]]:
+    """The 1,000 (shot, query, counterfactual asked index) triples released with Circuit Component Reuse
+    (shipped in ``headcircuits/data/circuit_reuse``, MIT licence), checked against their labels."""
+    clean = json.loads((PAPER_DATA / "cobjs_data_42.json").read_text())
+    counterfactual = json.loads((PAPER_DATA / "cobjs_mindiff_data_42.json").read_text())
+    triples = []
+    for (prompt, label), (cf_prompt, cf_label) in zip(clean, counterfactual, strict=True):
+        shot, query = parse_prompt(prompt)
+        cf_shot, cf_query = parse_prompt(cf_prompt)
+        if label != " " + query.answer or cf_label != " " + cf_query.answer or cf_shot != shot:
+            raise ValueError(f"the released prompt pair does not match its labels: {prompt!r}")
+        triples.append((shot, query, cf_query.asked))
+    return triples
+
+
+def from_paper(model: Model, n: int | None = None) -> TaskData:
+    """TaskData of the paper's own released prompts (the first ``n``, default all 1,000), in their order.
+    Every word of them is a single token for GPT-2; a model for which one is not gets a clear error."""
+    triples = paper_prompts()
+    if n is not None:
+        if not 1 <= n <= len(triples):
+            raise ValueError(f"the paper released {len(triples)} prompts; ask for 1 to {len(triples)}, not {n}")
+        triples = triples[:n]
+    words = sorted({w for s, q, _ in triples for w in (*q.objects, *q.colors)})
+    _usable(model, tuple(words), title=False, on_multi_token="error")
+    _usable(model, tuple(sorted({c for _, q, _ in triples for c in q.colors})), title=True, on_multi_token="error")
+    data = build(model, triples, seed=None)
+    data.meta["source"] = "paper"
+    return data
+
+
 def generate(
     model: Model,
     n: int,
@@ -173,6 +209,8 @@ def generate(
     left out (``on_multi_token='filter'``, recorded in ``data.meta.attrs['dropped_words']``) or refused
     (``'error'``); either way no prompt has a multi-token answer. At least 6 objects and 6 colours must remain.
     """
+    if int(n) < 1:
+        raise ValueError(f"ask for at least one Colored Objects prompt (n >= 1), not n={n}")
     usable_objects, dropped_o = _usable(model, objects, title=False, on_multi_token=on_multi_token)
     usable_colors, dropped_c = _usable(model, colors, title=True, on_multi_token=on_multi_token)
     if len(usable_objects) < 2 * N_OBJECTS or len(usable_colors) < 2 * N_OBJECTS:

@@ -85,6 +85,8 @@ def generate(
     positions are single tokens); a clear error says so when too few names remain. Places and objects are used
     as they tokenise.
     """
+    if int(n) < 1:
+        raise ValueError(f"ask for at least one IOI prompt (n >= 1), not n={n}")
     rng = random.Random(seed)
     usable = [w[1:] for w in filter_single_tokens(model, [" " + w for w in names])]
     needed = 5 if counterfactual == "abc" else 2

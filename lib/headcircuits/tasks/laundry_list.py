@@ -71,6 +71,10 @@ def generate(
         VocabularyError: fewer single-token items than the longest requested list.
     """
     lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+    if not lengths:
+        raise ValueError("lengths names no list length: pass e.g. lengths=[3, 5] (or one length, lengths=5)")
+    if int(n) < 1:
+        raise ValueError(f"ask for at least one prompt per list length (n >= 1), not n={n}")
     if min(lengths) < 2:
         raise ValueError("a Laundry List needs at least 2 items (N = 2 is the IOI structure)")
     if order not in ("shuffled", "in_order"):
