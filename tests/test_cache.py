@@ -68,3 +68,49 @@ def test_cached_evaluation_is_keyed_by_the_intervention(tiny, tmp_path, monkeypa
     pd.testing.assert_frame_equal(first, again)
     assert len(list((tmp_path / "evaluate").glob("*.pt"))) == 3  # none, scale 1, scale 2
     assert not first.logit_diff.equals(other.logit_diff)
+
+
+def test_a_result_cached_by_another_library_source_is_not_used(tmp_path, monkeypatch):
+    """An algorithm fix must never leave old numbers behind: the key includes the library's source."""
+    first = cache.cached("t", {"k": 1}, lambda: torch.zeros(2), root=tmp_path)
+    assert torch.equal(cache.cached("t", {"k": 1}, lambda: torch.ones(2), root=tmp_path), first)  # same source
+    monkeypatch.setattr(cache, "library_hash", lambda: "an edited library")
+    assert torch.equal(cache.cached("t", {"k": 1}, lambda: torch.ones(2), root=tmp_path), torch.ones(2))
+
+
+def test_the_library_hash_follows_its_source(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text("x = 1\n")
+    before = cache._library_hash(package)
+    cache._library_hash.cache_clear()
+    (package / "a.py").write_text("x = 2\n")
+    assert cache._library_hash(package) != before
+    assert len(cache.library_hash()) == 64
+
+
+def test_every_task_data_field_is_in_the_key(tiny):
+    data = ioi.generate(tiny, 4, seed=0, counterfactual="s2io")
+    key = cache.fingerprint(data)
+    changed = {
+        "candidates": replace(data, candidates=data.candidates.flip(1)),
+        "meta": replace(data, meta=data.meta.assign(template=data.meta.template + 1)),
+        "corrupt lengths": replace(data, corrupt=replace(data.corrupt, lengths=data.corrupt.lengths - 1)),
+        "corrupt_answer": replace(data, corrupt_answer=data.answer),
+        "text": replace(data, clean_text=[t + "!" for t in data.clean_text]),
+    }
+    for what, other in changed.items():
+        assert cache.fingerprint(other) != key, what
+
+
+def test_path_patching_cache_is_keyed_by_the_baseline(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADCIRCUITS_RESULTS", str(tmp_path))
+    data = ioi.generate(tiny, 4, seed=0, counterfactual="s2io")
+    receivers, senders = patching.Receivers("logits"), [(0, 0), (1, 1)]
+    base = patching.baseline(tiny, data)
+    assert base.key == patching.baseline(tiny, data).key != patching.baseline(tiny, data.subset([0, 1])).key
+    first = patching.path_patch(tiny, data, receivers, senders, cache=True, progress=False, base=base)
+    shifted = replace(base, ld_clean=base.ld_clean + 1.0, key=None)  # a hand-made baseline: keyed by its values
+    second = patching.path_patch(tiny, data, receivers, senders, cache=True, progress=False, base=shifted)
+    assert len(list((tmp_path / "path_patch").glob("*.pt"))) == 2
+    assert not torch.allclose(first[0, 0], second[0, 0])

@@ -150,10 +150,17 @@ def test_the_channel_reads_the_laundry_list_on_every_length(tiny, setup):
     """Bookkeeping the channel relies on: END and the target position of every prompt, at every length."""
     w, _, ch = setup(tiny)
     data = laundry_list.generate(tiny, 4, seed=0, lengths=[2, 3, 5])
-    coef = ch.coefficients(tiny, data)
-    assert coef.shape == (len(data), 6) and torch.isfinite(coef).all()
+    coef = ch.coefficients(tiny, data, batch_size=5)  # batches that mix lengths and padding
+    out = _outputs(tiny, data, ch.heads)  # one unbatched run, read at each prompt's own END
+    expected = torch.cat([out[h] @ ch.directions[i].T for i, h in enumerate(ch.heads)], dim=-1)
+    torch.testing.assert_close(coef, expected, rtol=1e-4, atol=1e-5)
+    for n in (2, 3, 5):  # each length alone gives the same numbers as the mixed batches
+        alone = laundry_list.generate(tiny, 4, seed=0, lengths=[2, 3, 5]).subset(
+            (data.meta.list_length == n).to_numpy().nonzero()[0])
+        torch.testing.assert_close(ch.coefficients(tiny, alone), coef[torch.as_tensor(
+            (data.meta.list_length == n).to_numpy())], rtol=1e-4, atol=1e-5)
     fitted = ch.fit(coef, data.meta.target_position.values, rank=3)
-    assert fitted.axes.shape[0] == 3
+    torch.testing.assert_close(fitted.axes @ fitted.axes.T, torch.eye(3), rtol=0, atol=1e-5)  # orthonormal axes
 
 
 def test_steering_lands_on_the_target_coordinates(tiny, setup):
@@ -178,3 +185,34 @@ def test_channel_edit_rescales_exactly_the_chosen_components(tiny, setup):
                + interventions.ComponentAblation.of(w, (2, 0), [1]).hooks())
     torch.testing.assert_close(metrics.end_logits(tiny, data, hooks_for=lambda a, b: hooks),
                                metrics.end_logits(tiny, data, hooks_for=lambda a, b: by_hand), rtol=0, atol=0)
+
+
+def test_class_means_loadings_and_top_components():
+    coef = torch.tensor([[1.0, 0.0, 5.0], [3.0, 0.0, 5.0], [0.0, 2.0, -5.0], [0.0, 4.0, -5.0]])
+    means = channels.class_means(coef, [0, 0, 1, 1])
+    torch.testing.assert_close(means[0], torch.tensor([2.0, 0.0, 5.0]))
+    torch.testing.assert_close(means[1], torch.tensor([0.0, 3.0, -5.0]))
+    ch = channels.Channel(heads=((0, 0),), components=((0, 1, 2),), directions=torch.eye(3)[None],
+                          W_O=torch.eye(3)[None], singular_values=torch.ones(1, 3))
+    fitted = ch.fit(coef, [0, 0, 1, 1], rank=1)  # the means differ mostly along coefficient 2 (10 vs 2 and 3)
+    loadings = fitted.loadings()
+    assert fitted.top_components(1) == [2] and int(loadings.argmin()) != 2
+    torch.testing.assert_close(loadings.square().sum(), torch.tensor(1.0))  # one unit axis
+    with pytest.raises(RuntimeError, match="fit the channel first"):
+        ch.loadings()
+
+
+def test_roles_and_the_positional_channel_are_found_on_the_model_itself(tiny):
+    """find_roles: the movers are the movers stage's heads with a positive effect, the inhibition heads the circuit
+    heads classed 'inhibition'; fit_positional gives orthonormal axes over those heads' components."""
+    from headcircuits import circuits
+
+    roles = channels.find_roles(tiny, n_prompts=6, seed=0, fraction=0.2, min_effect=0.0)
+    assert set(roles.movers) == {h for h in roles.circuit.stage("movers") if roles.circuit.tables["movers"][h] > 0}
+    assert set(roles.inhibition) == set(circuits.heads_of_class(roles.classes, "inhibition"))
+    assert set(roles.classes) == set(roles.circuit.heads)
+    heads = roles.inhibition or tuple(sorted(roles.circuit.heads))[:2]
+    channel = channels.fit_positional(tiny, svd.from_model(tiny), heads, lengths=(2, 3), n_per_length=6, per_head=2,
+                                      rank=1)
+    assert channel.heads == tuple(heads) and channel.axes.shape == (1, 2 * len(heads))
+    torch.testing.assert_close(channel.axes.norm(dim=-1), torch.ones(1), rtol=0, atol=1e-5)

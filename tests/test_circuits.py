@@ -47,36 +47,119 @@ def test_colored_objects_stages_are_the_default_for_its_data(tiny):
         circuits.discover(tiny, replace(data, task="other"), progress=False)
 
 
-def test_discover_records_every_stage_and_selects_the_top_heads(tiny):
-    data = ioi.generate(tiny, 4, seed=0, counterfactual="abc")
-    circuit = circuits.discover(tiny, data, fraction=0.1, min_effect=0.0, cache=False, progress=False)
-    assert list(circuit.tables)[0] == "movers"
-    for name, table in circuit.tables.items():
-        assert table.shape == (tiny.facts.n_layers, tiny.facts.n_heads)
-        assert circuit.stage(name) == circuits.top_heads(table, 0.1, circuit.min_effect)
-    assert len(circuit) == len({h for name in circuit.tables for h in circuit.stage(name)})
-
-
-def test_direct_logit_differences_add_up_to_the_logit_difference():
-    """RMSNorm model without biases: logits are W_U^T (gain * residual), and the residual at END is the embedding
-    plus every head's and every MLP's output, so the per-component attributions sum to the logit difference."""
-    from headcircuits.models import load_model
-
-    model = load_model("tiny-llama")
-    data = ioi.generate(model, 5, seed=0)
-    heads = circuits.direct_logit_difference(model, data)
-    _, cache = model.bridge.run_with_cache(data.clean.ids)
+def test_direct_logit_differences_add_up_to_the_logit_difference(tiny):
+    """The final residual stream at END is the embedding plus every block's attention write and MLP write. With the
+    final norm frozen at its clean value (a per-dimension linear map; its bias added once), the heads' attributions
+    plus those of everything else (embeddings, MLPs, attention biases such as GPT-2's b_O) sum to the logit
+    difference, on every family: Gemma-3's post-attention norm included (its heads' writes are scaled by it)."""
+    data = ioi.generate(tiny, 5, seed=0)
+    heads = circuits.direct_logit_difference(tiny, data)
+    _, cache = tiny.bridge.run_with_cache(data.clean.ids)
     rows, ends = torch.arange(len(data)), data.positions["END"]
-    resid, normed = cache["ln_final.hook_in"][rows, ends], cache["ln_final.hook_out"][rows, ends]
-    gain = normed / resid
-    W_U = model.bridge.W_U.detach()
+    at = lambda name: cache[name][rows, ends].double()  # noqa: E731
+    resid, normed = at("ln_final.hook_in"), at("ln_final.hook_out")
+    bias = circuits._final_norm_bias(tiny).double()
+    centred = resid - resid.mean(-1, keepdim=True) if tiny.facts.norm == "layernorm" else resid
+    gain = (normed - bias) / centred
+    W_U = tiny.bridge.W_U.detach().double()
     direction = W_U[:, data.answer] - W_U[:, data.distractor]
-    rest = cache["blocks.0.hook_resid_pre"][rows, ends] + sum(
-        cache[f"blocks.{l}.hook_mlp_out"][rows, ends] for l in range(model.facts.n_layers)
-    )
-    rest_dla = torch.einsum("bm,bm,mb->", rest, gain, direction) / len(data)
-    ld = metrics.summarise(metrics.evaluate(model, data))["logit_diff_mean"]
-    assert abs(float(heads.sum() + rest_dla) - ld) < 1e-3
+
+    def dla(x):  # attribution of a residual-stream write x [batch, d_model]
+        x = x - x.mean(-1, keepdim=True) if tiny.facts.norm == "layernorm" else x
+        return float(torch.einsum("bm,bm,mb->", x, gain, direction)) / len(data)
+
+    L = tiny.facts.n_layers
+    attention = [at(f"blocks.{l}.hook_attn_out") for l in range(L)]
+    everything = at("blocks.0.hook_resid_pre") + sum(attention) + sum(at(f"blocks.{l}.hook_mlp_out") for l in range(L))
+    torch.testing.assert_close(everything, resid, rtol=1e-4, atol=1e-4)  # the decomposition is complete
+    ld = float(metrics.evaluate(tiny, data).logit_diff.mean())
+    total = dla(everything) + float((bias @ direction).mean())
+    assert abs(total - ld) < 1e-3 * max(1.0, abs(ld))
+    for layer in range(L):  # each layer's heads add up to its attention write, less what no head writes (b_O)
+        W_O = tiny.bridge.W_O.detach()[layer]
+        z = at(f"blocks.{layer}.attn.hook_z").float()
+        unscaled = torch.einsum("bhd,hdm->bm", z, W_O).double()
+        rest = 0.0
+        if not tiny.facts.post_attn_norm:
+            rest = dla(attention[layer] - unscaled)  # the bias of the output projection
+        assert abs(float(heads[layer].sum()) + rest - dla(attention[layer])) < 1e-4, layer
+    assert float(heads.abs().max()) > 1e-3  # the attributions are not all zero
+
+
+def test_every_head_class_from_hand_built_attention_scores():
+    """The rule of classify() on attention scores and direct effects written by hand, one head per case."""
+    names = list(circuits.CLASS_ATTENTION)
+    cases = {  # head: (class it attends like, direct logit difference, expected class)
+        (0, 0): ("mover", +1.0, "mover"),
+        (0, 1): ("mover", -1.0, "negative mover"),
+        (0, 2): ("mover", 0.05, "mover"),  # a weak write: attention decides
+        (1, 0): ("inhibition", 0.01, "inhibition"),
+        (1, 1): ("inhibition", -1.0, "negative mover"),  # attends END -> S2 and writes against the answer (19.1)
+        (1, 2): ("inhibition", -0.01, "inhibition"),  # a small incidental write keeps it an inhibition head
+        (3, 1): ("inhibition", 1.0, "mover"),  # attends S2 but writes the answer strongly: a mover
+        (2, 0): ("induction", -1.0, "induction"),  # not an END head: its direct effect does not matter
+        (2, 1): ("duplicate-token", 0.0, "duplicate-token"),
+        (2, 2): ("previous-token", 0.0, "previous-token"),
+        (3, 0): (None, 0.0, "other"),  # attends nowhere the classes look
+    }
+    patterns = {n: torch.zeros(4, 3) for n in names}
+    dla = torch.zeros(4, 3)
+    assert len(cases) == 11
+    for head, (cls, effect, _) in cases.items():
+        for n in names:
+            patterns[n][head] = 0.05
+        if cls is not None:
+            patterns[cls][head] = 0.6
+        dla[head] = effect
+    got = circuits.assign_classes(patterns, dla, list(cases), threshold=0.2, negative=0.1)
+    assert got == {head: expected for head, (_, _, expected) in cases.items()}
+
+
+def test_layer_matched_null_is_exact():
+    """Both circuits in late layers: random sets with the same per-layer counts overlap far more than random sets
+    over all heads. The exact per-layer computation agrees with a simulation of such sets."""
+    import random
+
+    n_layers, per_layer = 6, 4
+    a = {(4, 0), (4, 1), (5, 0), (5, 2)}
+    b = {(4, 0), (4, 2), (5, 0), (5, 1), (3, 3)}
+    o = circuits.overlap(a, b, n_layers * per_layer, n_layers=n_layers)
+    assert o.shared == 2 and o.layer_counts[4] == (2, 2) and o.layer_counts[3] == (0, 1)
+    assert o.layer_expected > o.expected and o.layer_p_value > o.p_value
+    rng = random.Random(0)
+    samples = []
+    for _ in range(20000):
+        shared = 0
+        for count_a, count_b in o.layer_counts:
+            shared += len(set(rng.sample(range(per_layer), count_a)) & set(rng.sample(range(per_layer), count_b)))
+        samples.append(shared)
+    samples = torch.tensor(samples, dtype=torch.float64)
+    assert abs(float(samples.mean()) / len(a) - o.layer_expected) < 0.01
+    assert abs(float((samples >= o.shared).double().mean()) - o.layer_p_value) < 0.01
+    assert math.isnan(circuits.overlap(a, b, 24).layer_p_value)  # without layers, no layer-matched null
+    with pytest.raises(ValueError, match="not in a model"):
+        circuits.overlap({(7, 0)}, b, 24, n_layers=6)
+
+
+def test_each_stage_receives_from_the_heads_the_stage_before_selected(tiny, monkeypatch):
+    """Backward discovery: stage i+1's receivers are exactly stage i's heads, read at the stage's position."""
+    data = ioi.generate(tiny, 4, seed=0, counterfactual="abc")
+    seen = []
+    original = circuits.patching.path_patch
+
+    def spy(model, data, receivers, senders, **kwargs):
+        seen.append(receivers)
+        return original(model, data, receivers, senders, **kwargs)
+
+    monkeypatch.setattr(circuits.patching, "path_patch", spy)
+    circuit = circuits.discover(tiny, data, fraction=0.25, min_effect=0.0, cache=False, progress=False)
+    names = list(circuit.tables)
+    assert len(names) >= 2, "a 3-layer model with a quarter of its heads per stage reaches the second stage"
+    assert seen[0].kind == "logits"
+    for i in range(1, len(names)):
+        stage = circuits.IOI_STAGES[i]
+        assert (seen[i].kind, seen[i].position) == (stage.kind, stage.position)
+        assert sorted(seen[i].heads) == circuit.stage(names[i - 1])
 
 
 @pytest.mark.slow
@@ -98,3 +181,21 @@ def test_circuit_table_and_classes():
     assert frame.loc[0, "stages"] == "inhibition, movers" and frame.loc[1, "class"] == "negative mover"
     classes = {(2, 1): "negative mover", (1, 0): "inhibition", (0, 3): "inhibition"}
     assert circuits.heads_of_class(classes, "inhibition") == ((0, 3), (1, 0))
+
+
+def test_a_stage_that_is_zero_by_construction_is_not_computed_and_is_zero(tiny):
+    """With the S2 -> IO counterfactual nothing changes before S2, so the previous-token stage (keys at S1+1) is
+    exactly zero: discovery records zeros without running it, and running it confirms them."""
+    from headcircuits import patching
+
+    data = ioi.generate(tiny, 4, seed=0, counterfactual="s2io")
+    assert patching.zero_by_construction(data, "S1+1") and not patching.zero_by_construction(data, "S2")
+    abc = ioi.generate(tiny, 4, seed=0, counterfactual="abc")
+    assert not patching.zero_by_construction(abc, "S1+1")
+    receivers = patching.Receivers("k", heads=((2, 0), (2, 1)), position="S1+1")
+    computed = patching.path_patch(tiny, data, receivers, progress=False)
+    assert computed.nan_to_num(0.0).abs().max() < 1e-5  # zero up to float32 rounding of a separate run
+    stages = (circuits.Stage("movers", "logits"), circuits.Stage("previous", "k", "S1+1"))
+    circuit = circuits.discover(tiny, data, stages, fraction=0.25, min_effect=0.0, cache=False, progress=False)
+    assert "exactly 0" in circuit.notes["previous"] and not circuit.stage("previous")
+    assert circuit.tables["previous"].nan_to_num(0.0).abs().max() == 0.0

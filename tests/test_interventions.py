@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headcircuits import interventions, metrics
+from headcircuits import interventions, metrics, svd
 from headcircuits.tasks import colored_objects as co
 
 KEYS = ("WRONG_COLOR_0", "WRONG_COLOR_1")
@@ -70,15 +70,6 @@ def test_bad_interventions_are_refused_with_the_fix(tiny, co_data):
         interventions.ForcedAttention(((0, 0),), ("WRONG_COLOUR",)).hooks_for(co_data(tiny))
 
 
-def test_random_heads_are_deterministic_distinct_and_exclude_the_chosen():
-    chosen = {(2, 1), (3, 0)}
-    a = interventions.random_heads(6, 4, 5, exclude=chosen, layers=range(2, 5), seed=3)
-    assert a == interventions.random_heads(6, 4, 5, exclude=chosen, layers=range(2, 5), seed=3)
-    assert len(set(a)) == 5 and not set(a) & chosen and all(2 <= l < 5 for l, _ in a)
-    with pytest.raises(ValueError, match="cannot draw"):
-        interventions.random_heads(2, 2, 5)
-
-
 def test_repair_table_has_the_baseline_the_named_sets_and_the_controls(tiny, co_data):
     data = co_data(tiny)
     table = interventions.repair(tiny, data, {"inhibition": ((1, 0), (1, 1)), "negative mover": ((2, 3),)},
@@ -87,7 +78,32 @@ def test_repair_table_has_the_baseline_the_named_sets_and_the_controls(tiny, co_
     plain = metrics.summarise(metrics.evaluate(tiny, data))
     assert table.iloc[0].top1_accuracy == plain["top1_accuracy"]
     assert abs(table.iloc[0].logit_diff_mean - plain["logit_diff_mean"]) < 1e-6
-    assert len(set(table.heads[3:])) > 1  # different random draws
+    assert len(set(table.heads[3:])) == 3  # distinct random draws
+
+
+def test_controls_exclude_the_circuit_and_widen_a_small_pool():
+    """Gemma-3 has 4 heads per layer: after excluding the circuit, the layers the forced heads span may not hold
+    enough heads for distinct draws; the pool then widens, and no draw ever contains an excluded head."""
+    circuit = {(5, 0), (5, 1), (5, 2), (6, 0), (6, 1), (6, 2), (6, 3)}
+    draws, layers = interventions.control_heads(18, 4, 2, 5, exclude=circuit, layers=range(5, 7), seed=0)
+    assert len(set(draws)) == 5 and all(len(d) == 2 for d in draws)
+    assert not any(set(d) & circuit for d in draws)
+    assert layers.start < 5 or layers.stop > 7  # one free head in layers 5-6 cannot give 5 distinct pairs
+    assert all(layers.start <= l < layers.stop for d in draws for l, _ in d)
+    again, _ = interventions.control_heads(18, 4, 2, 5, exclude=circuit, layers=range(5, 7), seed=0)
+    assert again == draws
+    with pytest.raises(ValueError, match="cannot draw"):
+        interventions.control_heads(2, 2, 3, 5, exclude=set(), layers=range(0, 2))
+
+
+def test_the_repair_control_never_forces_an_excluded_circuit_head(tiny, co_data):
+    data = co_data(tiny)
+    circuit = {(1, 1), (1, 2), (2, 0), (2, 1)}
+    table = interventions.repair(tiny, data, {"inhibition": ((1, 0), (2, 2))}, n_controls=2, exclude=circuit)
+    for heads in table.heads[2:]:
+        drawn = {tuple(map(int, h.split("."))) for h in heads.split()}
+        assert not drawn & (circuit | {(1, 0), (2, 2)})
+    assert table.pool.iloc[-1].startswith("layers")
 
 
 def test_attention_under_reports_the_forced_pattern(tiny, co_data):
@@ -175,4 +191,39 @@ def test_inhibition_scores_are_zero_for_a_sender_above_the_receiver_and_shaped_p
     above = interventions.inhibition_scores(tiny, data, w, sender=(2, 0), receiver=(1, 1), components=[0, 1])
     torch.testing.assert_close(above, torch.zeros(2), rtol=0, atol=1e-7)  # a later head cannot change it
     below = interventions.inhibition_scores(tiny, data, w, sender=(0, 0), receiver=(2, 1))
-    assert below.shape == (w.W_V.shape[-1],) and float(below.abs().max()) > 0
+    assert below.shape == (w.W_V.shape[-1],) and float(below.abs().max()) > 1e-6
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-gpt-neox"])
+def test_inhibition_score_is_the_change_of_attention_when_the_direction_leaves_the_residual_stream(name, weights_for):
+    """An independent route to the same number: subtract the component's write (out . v) v from the layer's
+    residual write (hook_attn_out) instead of editing z. Without a post-attention norm (so not Gemma) the two are
+    the same intervention; the score is the receiver's (S2 - IO) attention after it minus before (its sign)."""
+    from headcircuits.models import load_model
+    from headcircuits.tasks import ioi
+
+    model = load_model(name)
+    data = ioi.generate(model, 6, seed=0)
+    w = weights_for(model)
+    sender, receiver, k = (0, 1), (2, 1), 0
+    scores = interventions.inhibition_scores(model, data, w, sender, receiver, [k])
+    v = svd.head_svd(w.OV[sender]).Vh[k]
+    W_O = model.bridge.W_O.detach()[sender[0], sender[1]]
+
+    def remove(z_seen):
+        def hook(x, hook):
+            out = z_seen["z"][:, :, sender[1]] @ W_O  # the head's own write at every position
+            return x - (out @ v)[..., None] * v
+        return hook
+
+    z_seen = {}
+
+    def grab(z, hook):
+        z_seen["z"] = z.detach().clone()
+        return z
+
+    base = interventions.attention_contrast(model, data, receiver).mean()
+    edited = interventions.attention_contrast(model, data, receiver, hooks=[
+        (f"blocks.{sender[0]}.attn.hook_z", grab), (f"blocks.{sender[0]}.hook_attn_out", remove(z_seen))]).mean()
+    assert abs(float(edited - base)) > 1e-5
+    torch.testing.assert_close(scores[0], edited - base, rtol=1e-3, atol=1e-6)

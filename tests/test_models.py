@@ -74,14 +74,21 @@ def test_hub_unreachable_fails_fast_and_names_the_offline_models(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr("headcircuits.models._hub_cached", lambda repo: False)
 
-    def refuse(*args, **kwargs):
-        raise OSError("network is unreachable (test)")
+    asked = []
 
-    monkeypatch.setattr(socket, "create_connection", refuse)
+    def refuse(repo_id, filename, **kwargs):  # the hub client's own failure when it cannot reach the hub
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        asked.append((repo_id, filename, kwargs.get("etag_timeout")))
+        raise LocalEntryNotFoundError("cannot reach the hub (test)")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", refuse)
     with pytest.raises(HubUnreachableError) as err:
         load_model("gpt2-medium")
     message = str(err.value)
+    assert asked == [("gpt2-medium", "config.json", 10)]  # the hub client's check, with a timeout
     assert "cannot be reached" in message and "smollm2-135m" in message and "gemma-3-270m" in message
+    assert "model_names=" in message and "model=" not in message.replace("model_names=", "")
 
 
 def test_hub_offline_setting_is_reported(monkeypatch):
@@ -204,3 +211,95 @@ def test_gemma_loads_offline_with_bos_and_its_norms(monkeypatch):
     tokens = model.to_tokens(PROMPTS[:1])
     assert int(tokens.ids[0, 0]) == model.bos_id
     assert model.tokenizer.decode(model.final_logits(tokens).argmax(-1)) == " Mary"
+
+
+def test_loading_trusts_size_and_time_and_preparing_hashes_everything(tmp_path, fake_dequantise):
+    """A file altered in place with its size and modification time kept is trusted by the quick check that every
+    load runs, and caught by the full check that ``prepare-models`` runs; a changed time triggers hashing."""
+    import os
+
+    entry = prepare("m", _fake_source(), root=tmp_path)
+    weights = entry / "model.safetensors"
+    stat = weights.stat()
+    weights.write_bytes(b"WEIGHTS" * 1000)  # same size, other bytes
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert verify_entry(entry, full=False) is None
+    assert "sha256" in verify_entry(entry, full=True)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert "sha256" in verify_entry(entry, full=False)  # the time differs: the quick check hashes the file
+    with pytest.warns(UserWarning, match="rebuilding"):
+        prepare("m", _fake_source(), root=tmp_path, full_check=True)
+    assert verify_entry(entry, full=True) is None and len(fake_dequantise) == 2
+
+
+def test_prepare_models_refuses_unknown_names_with_the_known_ones(capsys):
+    from headcircuits import cli
+    from headcircuits.models import prepare_offline_models
+
+    with pytest.raises(UnknownModelError, match="smollm2-135m"):
+        prepare_offline_models(["gpt2-small"])
+    assert cli.main(["prepare-models", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "nonsense" in err and "gemma-3-270m" in err and "Traceback" not in err
+
+
+def test_model_names_accepts_one_name_a_list_or_commas_and_refuses_unknown_ones():
+    from headcircuits.models import model_names
+
+    assert model_names("gpt2-small") == ["gpt2-small"]  # not ['g', 'p', ...]
+    assert model_names("smollm2-135m, gemma-3-270m") == ["smollm2-135m", "gemma-3-270m"]
+    assert model_names(["tiny-llama", "TINY-GPT2"]) == ["tiny-llama", "tiny-gpt2"]
+    with pytest.raises(UnknownModelError, match="smollm2-135m"):
+        model_names("g")
+    with pytest.raises(UnknownModelError):
+        model_names([])
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_the_ungrouped_copy_computes_the_same_function_with_one_kv_head_per_query_head(name):
+    from headcircuits.models import ungrouped
+
+    model = load_model(name)
+    flat = ungrouped(model)
+    assert model.facts.grouped_kv and flat.facts.n_kv_heads == flat.facts.n_heads == model.facts.n_heads
+    assert ungrouped(model) is flat and ungrouped(flat) is flat  # built once; nothing to ungroup twice
+    tokens = model.to_tokens(PROMPTS)
+    torch.testing.assert_close(flat.logits(tokens), model.logits(tokens), rtol=0, atol=1e-5)
+    group = model.facts.kv_group_size
+    W_K, W_K_flat = model.bridge.W_K.detach(), flat.bridge.W_K.detach()
+    for h in range(model.facts.n_heads):  # query head h reads its group's key weights, now its own copy
+        torch.testing.assert_close(W_K_flat[:, h], W_K[:, h // group], rtol=0, atol=0)
+    embed = model.bridge.original_model.model.embed_tokens.weight
+    assert flat.bridge.original_model.model.embed_tokens.weight.data_ptr() == embed.data_ptr()  # shared, not copied
+
+
+def test_tiny_models_live_on_the_device_asked_for(monkeypatch):
+    model = load_model("tiny-gpt2", device="cpu")
+    assert model.device == torch.device("cpu")
+    monkeypatch.setenv("HEADCIRCUITS_DEVICE", "cpu")
+    from headcircuits.models import default_device
+
+    assert default_device() == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (CI runs on the CPU)")
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_cpu_and_cuda_give_the_same_numbers(name):
+    """Same prompts, same numbers: evaluation, path patching and DLA agree between the CPU and a CUDA device,
+    and every public result comes back on the CPU."""
+    from headcircuits import circuits, metrics, patching
+    from headcircuits.tasks import ioi
+
+    cpu, gpu = load_model(name, device="cpu"), load_model(name, device="cuda")
+    assert gpu.device.type == "cuda"
+    data = ioi.generate(cpu, 6, seed=0, counterfactual="abc")
+    a, b = metrics.evaluate(cpu, data), metrics.evaluate(gpu, data)
+    assert (a.logit_diff - b.logit_diff).abs().max() < 1e-4
+    L = cpu.facts.n_layers
+    receivers = patching.Receivers("v", heads=((L - 1, 0),), position="S2")
+    ta = patching.path_patch(cpu, data, receivers, progress=False)
+    tb = patching.path_patch(gpu, data, receivers, progress=False)
+    assert tb.device.type == "cpu"
+    torch.testing.assert_close(ta, tb, rtol=1e-3, atol=1e-4, equal_nan=True)
+    torch.testing.assert_close(circuits.direct_logit_difference(cpu, data), circuits.direct_logit_difference(gpu, data),
+                               rtol=1e-3, atol=1e-4)

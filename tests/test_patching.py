@@ -90,42 +90,134 @@ def test_normalised_effect_and_clear_errors(tiny, data_for):
         patching.baseline(tiny, replace(data, corrupt=longer))
 
 
+def _float64(name: str):
+    """A tiny model in float64: a random tiny model's effects through one receiver are small (1e-7 .. 1e-2), so
+    agreement is checked where they are far above rounding (rotary tables stay float32: tolerance 3e-7)."""
+    from headcircuits.models import load_model
+
+    model = load_model(name)
+    model.bridge.double()
+    return model
+
+
+def _atol(model) -> float:
+    """float64 throughout (GPT-2): 1e-10; rotary families keep float32 cos/sin tables: 3e-7."""
+    return 3e-7 if model.facts.positional == "rotary" else 1e-10
+
+
+def assert_same_effects(fast: dict, ref: dict, base, atol: float) -> float:
+    """The fast path's changes of the logit difference (patched - clean, per sender and prompt) equal the
+    reference's, and the reference's changes are far above the tolerance (not two copies of the clean run)."""
+    assert ref.keys() == fast.keys()
+    ref_delta = torch.stack([ref[s] - base.ld_clean for s in ref])
+    fast_delta = torch.stack([fast[s] - base.ld_clean for s in ref])
+    biggest = float(ref_delta.abs().max())
+    assert biggest > 5 * atol, f"the senders barely move the receivers ({biggest:.1e}): the test could not fail"
+    torch.testing.assert_close(fast_delta, ref_delta, rtol=1e-3, atol=atol)
+    return biggest
+
+
 @pytest.mark.parametrize("freeze_mlps", [False, True])
 @pytest.mark.parametrize("sender_position", [None, "S2", "END"])
-def test_fast_path_patching_agrees_with_the_reference(tiny, data_for, freeze_mlps, sender_position):
-    data = data_for(tiny)
-    L = tiny.facts.n_layers
-    base = patching.baseline(tiny, data)
-    for receivers in [patching.Receivers("logits"), patching.Receivers("q", heads=((L - 1, 0), (L - 1, 3), (L - 2, 1)))]:
-        kwargs = dict(freeze_mlps=freeze_mlps, sender_position=sender_position, base=base, progress=False)
-        ref, _ = patching.path_patch_ld(tiny, data, receivers, **kwargs)
-        fast, _ = patching.path_patch_fast_ld(tiny, data, receivers, chunk=3, **kwargs)
-        assert ref.keys() == fast.keys()
-        for sender in ref:
-            torch.testing.assert_close(fast[sender], ref[sender], rtol=1e-4, atol=1e-4)
+def test_fast_path_patching_agrees_with_the_reference(tiny, freeze_mlps, sender_position):
+    """Senders patched everywhere or at END, read at END (logits, movers' queries); senders patched at S2 read at
+    S2 (values), since with every head frozen nothing moves between positions: a sender patched at S2 has
+    exactly no effect at END (checked too)."""
+    model = _float64(tiny.name)
+    data = ioi.generate(model, 6, seed=0, counterfactual="abc")
+    L = model.facts.n_layers
+    base = patching.baseline(model, data)
+    heads = ((L - 1, 0), (L - 1, 3), (L - 2, 1))
+    kwargs = dict(freeze_mlps=freeze_mlps, sender_position=sender_position, base=base, progress=False)
+    if sender_position == "S2":
+        ref, _ = patching.path_patch_ld(model, data, patching.Receivers("logits"), **kwargs)
+        assert all(torch.equal(ld, base.ld_clean) for ld in ref.values())
+        receiver_sets = [patching.Receivers("v", heads=heads, position="S2")]
+    else:
+        receiver_sets = [patching.Receivers("logits"), patching.Receivers("q", heads=heads)]
+    for receivers in receiver_sets:
+        ref, _ = patching.path_patch_ld(model, data, receivers, **kwargs)
+        fast, _ = patching.path_patch_fast_ld(model, data, receivers, chunk=3, **kwargs)
+        assert_same_effects(fast, ref, base, _atol(model))
 
 
 @pytest.mark.parametrize("kind,position", [("k", "S1+1"), ("v", "S2"), ("q", "S2"), ("v", "END")])
 def test_fast_path_patching_agrees_with_the_reference_at_any_receiver_position(tiny, kind, position):
     """Receivers before END (the duplicate and previous-token stages): step 3 runs from the receiver position on,
-    over the clean prefix's cache; on grouped-K/V families a k / v receiver is its group's shared head.
-    A random tiny model's effects through one receiver are small (1e-7 .. 1e-2), so this runs in float64 where
-    they are far above rounding; ABC counterfactuals change every name, so senders also differ before S2."""
-    from headcircuits.models import load_model
-
-    model = load_model(tiny.name)
-    model.bridge.double()
+    over the clean prefix's cache; on grouped-K/V families a k / v receiver is the query head's own key / value.
+    ABC counterfactuals change every name, so senders also differ before S2."""
+    model = _float64(tiny.name)
     data = ioi.generate(model, 6, seed=1, counterfactual="abc")
     L = model.facts.n_layers
-    receivers = patching.Receivers(kind, heads=((L - 1, 1), (L - 2, 0), (L - 2, 3)), position=position)
+    heads = tuple((layer, h) for layer in (L - 2, L - 1) for h in range(model.facts.n_heads))  # effects well above rounding
+    for kv in ("head", "group"):
+        receivers = patching.Receivers(kind, heads=heads, position=position, kv=kv)
+        base = patching.baseline(model, data)
+        ref, _ = patching.path_patch_ld(model, data, receivers, base=base, progress=False)
+        fast, _ = patching.path_patch_fast_ld(model, data, receivers, base=base, chunk=4, max_rows=10, progress=False)
+        assert_same_effects(fast, ref, base, _atol(model))
+
+
+def test_a_broken_fast_path_is_caught(tiny):
+    """The agreement check can fail: a fast path that loses one layer's sender patch (here, by handing it a
+    baseline whose counterfactual outputs of layer 1 are the clean ones) disagrees with the reference."""
+    model = _float64(tiny.name)
+    data = ioi.generate(model, 6, seed=0, counterfactual="abc")
     base = patching.baseline(model, data)
-    ref, _ = patching.path_patch_ld(model, data, receivers, base=base, progress=False)
-    fast, _ = patching.path_patch_fast_ld(model, data, receivers, base=base, chunk=4, max_rows=10, progress=False)
-    assert ref.keys() == fast.keys()
-    ref_delta = torch.stack([ref[s] - base.ld_clean for s in ref])
-    fast_delta = torch.stack([fast[s] - base.ld_clean for s in ref])
-    assert float(ref_delta.abs().max()) > 2e-7  # the senders do move the receivers: not two copies of the clean run
-    torch.testing.assert_close(fast_delta, ref_delta, rtol=1e-3, atol=3e-7)  # rotary tables stay float32
+    ref, _ = patching.path_patch_ld(model, data, patching.Receivers("logits"), base=base, progress=False)
+    broken = replace(base, z_corrupt=[z if layer != 1 else base.z_clean[1] for layer, z in enumerate(base.z_corrupt)])
+    fast, _ = patching.path_patch_fast_ld(model, data, patching.Receivers("logits"), base=broken, progress=False)
+    with pytest.raises(AssertionError):
+        assert_same_effects(fast, ref, base, _atol(model))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("kind,position", [("k", "S1+1"), ("v", "S2")])
+def test_per_head_kv_receivers_differ_from_the_group_and_agree_without_groups(name, kind, position):
+    """On a grouped model, patching the whole K/V group also moves the receiver's group mates, so it is another
+    experiment than patching the receiver's own key / value; on an ungrouped model the two are the same."""
+    from headcircuits.models import ungrouped
+
+    model = _float64(name)
+    data = ioi.generate(model, 6, seed=1, counterfactual="abc")
+    L = model.facts.n_layers
+    table = {kv: patching.path_patch(model, data, patching.Receivers(kind, heads=((L - 1, 1),), position=position,
+                                                                      kv=kv), progress=False) for kv in ("head", "group")}
+    finite = ~table["head"].isnan()
+    assert float((table["head"] - table["group"])[finite].abs().max()) > 1e-4
+    flat = ungrouped(model)
+    same = {kv: patching.path_patch(flat, data, patching.Receivers(kind, heads=((L - 1, 1),), position=position,
+                                                                    kv=kv), progress=False) for kv in ("head", "group")}
+    torch.testing.assert_close(same["head"], same["group"], equal_nan=True)
+    torch.testing.assert_close(same["head"], table["head"], rtol=1e-6, atol=1e-9, equal_nan=True)
+
+
+def test_receivers_and_positions_are_validated(tiny, data_for):
+    data = data_for(tiny)
+    L, H = tiny.facts.n_layers, tiny.facts.n_heads
+    with pytest.raises(ValueError, match="do not exist"):
+        patching.path_patch(tiny, data, patching.Receivers("q", heads=((L, 0),)), progress=False)
+    with pytest.raises(ValueError, match="do not exist"):
+        patching.path_patch(tiny, data, patching.Receivers("q", heads=((0, H),)), progress=False)
+    with pytest.raises(KeyError, match="not in this ioi TaskData"):
+        patching.path_patch(tiny, data, patching.Receivers("v", heads=((1, 0),), position="ITEM_3"), progress=False)
+    absent = replace(data, positions={**data.positions, "S2": data.positions["S2"].clone().index_fill(0, torch.tensor([2]), -1)})
+    with pytest.raises(ValueError, match=r"absent.*rows \[2\].*subset"):
+        patching.path_patch(tiny, absent, patching.Receivers("v", heads=((1, 0),), position="S2"), progress=False)
+    with pytest.raises(ValueError, match="kv must be"):
+        patching.Receivers("k", heads=((1, 0),), kv="both")
+
+
+def test_the_papers_per_batch_normalised_effect():
+    clean = torch.tensor([2.0, 2.0, 4.0, 4.0])
+    corrupt = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    patched = torch.tensor([1.0, 1.0, 4.0, 4.0])
+    # ratio of means: (2.5 - 3) / (0 - 3) = 1/6; per batch of 2: mean(0.5, 0.0) = 0.25
+    assert abs(float(patching.normalised_effect(patched, clean, corrupt)) - 1 / 6) < 1e-6
+    assert abs(float(patching.normalised_effect(patched, clean, corrupt, per_batch=2)) - 0.25) < 1e-6
+    assert abs(float(patching.normalised_effect(patched, clean, corrupt, per_batch=4)) - 1 / 6) < 1e-6
+    with pytest.raises(ValueError, match="positive batch size"):
+        patching.normalised_effect(patched, clean, corrupt, per_batch=0)
 
 
 @pytest.mark.slow

@@ -34,6 +34,30 @@ def test_widget_checks_shapes():
         plots.attention_patterns([" a", " b"], torch.zeros(2, 2, 2), ["L0H0"])
 
 
+def test_effect_heatmaps_outline_the_selected_heads_and_grey_out_non_senders():
+    import matplotlib.pyplot as plt
+
+    table = torch.tensor([[0.1, -0.3], [float("nan"), 0.5]])
+    fig = plots.effect_heatmaps({"movers": table, "inhibition": -table}, {"movers": [(1, 1)], "inhibition": []})
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == ["movers", "inhibition"]
+    outlined = [p for p in axes[0].patches if isinstance(p, plt.Rectangle) and not p.get_fill()]
+    assert [(p.get_x(), p.get_y()) for p in outlined] == [(1, 1)]
+    assert not [p for p in axes[1].patches if isinstance(p, plt.Rectangle) and not p.get_fill()]
+    plt.close(fig)
+
+
+def test_circuit_map_draws_every_head_at_its_layer_and_index():
+    import matplotlib.pyplot as plt
+
+    classes = {(3, 1): "mover", (2, 0): "inhibition", (0, 2): "previous-token"}
+    fig = plots.circuit_map(classes, n_layers=4, n_heads=3, reference={(1, 1): "x"})
+    ax = fig.axes[0]
+    points = {tuple(map(float, p)) for c in ax.collections for p in c.get_offsets()}
+    assert {(3.0, 1.0), (2.0, 0.0), (0.0, 2.0), (1.0, 1.0)} <= points
+    plt.close(fig)
+
+
 def test_offline_scan_finds_remote_loads(tmp_path):
     """The scan must be able to fail: plant every kind of network load and expect each to be reported."""
     (tmp_path / "ok.html").write_text(
@@ -52,6 +76,46 @@ def test_offline_scan_finds_remote_loads(tmp_path):
     assert not any(p.startswith("ok.html") for p in problems)
 
 
+def test_an_unknown_parameter_fails_before_anything_runs_and_lists_the_valid_ones(capsys):
+    from headcircuits import cli
+
+    with pytest.raises(book.ParameterError) as err:
+        book.check_parameters(book.notebooks_in_toc(ROOT), {"model": "gemma-3-270m"})
+    message = str(err.value)
+    assert "['model']" in message and "model_names" in message and "n_prompts" in message
+    assert cli.main(["build-book", "--root", str(ROOT), "-p", "n_promts=5"]) == 2  # a typo
+    err = capsys.readouterr().err
+    assert "n_promts" in err and "n_prompts" in err and "Traceback" not in err
+    # a parameter that only some notebooks declare reaches only those
+    per_notebook = book.check_parameters(book.notebooks_in_toc(ROOT), {"n_fix": 4, "seed": 1})
+    assert all(p["seed"] == 1 for p in per_notebook.values())
+    assert sum("n_fix" in p for p in per_notebook.values()) == 1
+
+
+def test_parameters_are_key_value_pairs():
+    assert book.parse_parameters(["n_prompts=50", "lengths=[3, 5]", "model_names=gemma-3-270m"]) == {
+        "n_prompts": 50, "lengths": [3, 5], "model_names": "gemma-3-270m"}
+    for bad in ("n_prompts", "=5", "two words=1"):
+        with pytest.raises(book.ParameterError, match="KEY=VALUE"):
+            book.parse_parameters([bad])
+
+
+def test_check_offline_on_a_missing_site_fails(tmp_path, capsys):
+    from headcircuits import cli
+
+    with pytest.raises(FileNotFoundError, match="make book"):
+        book.scan_offline(tmp_path / "nowhere")
+    assert cli.main(["check-offline", str(tmp_path / "nowhere")]) == 2
+    assert "not a built site" in capsys.readouterr().err
+
+
+def test_every_notebook_names_its_model_parameter_model_names():
+    for path in book.notebooks_in_toc(ROOT):
+        declared = book.declared_parameters(path)
+        assert "model_names" in declared and not {"model", "model_name"} & set(declared), path.name
+        assert declared.get("device") == "None", f"{path.name}: a device parameter, CUDA when available by default"
+
+
 def test_every_notebook_has_a_parameters_cell_and_no_outputs():
     import nbformat
 
@@ -61,7 +125,7 @@ def test_every_notebook_has_a_parameters_cell_and_no_outputs():
         nb = nbformat.read(path, as_version=4)
         tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
-        assert "model_name =" in tagged[0].source or "model_names =" in tagged[0].source, f"{path.name}: no model"
+        assert "model_names =" in tagged[0].source, f"{path.name}: no model"
         for name in ("seed", "n_prompts"):
             assert f"{name} =" in tagged[0].source, f"{path.name}: parameters cell lacks {name}"
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path.name} has outputs"
@@ -71,7 +135,7 @@ def test_every_notebook_has_a_parameters_cell_and_no_outputs():
 @pytest.mark.slow
 def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     """Every notebook runs with small parameters, the book renders strictly (-W), and no page loads from the net."""
-    small = {"n_prompts": 12, "seed": 1, "n_eval": 24, "n_controls": 2, "n_score": 8, "n_fit": 8, "n_per_position": 3,
+    small = {"n_prompts": 12, "seed": 1, "n_eval": 24, "n_paper": 60, "n_controls": 2, "n_score": 8, "n_fit": 8, "n_per_position": 3,
              "n_fix": 2, "lengths": [2, 3, 5], "n_components": 4}
     html = book.build(ROOT, tmp_path, small)
     assert (html / "book" / "notebooks" / "01_ioi_behaviour.html").is_file()
@@ -85,7 +149,13 @@ def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     circuit_page = (html / "book" / "notebooks" / "03_ioi_circuit.html").read_text()
     assert "12 ABC prompts" in circuit_page and "circuits-vis-" in circuit_page
     reuse_page = (html / "book" / "notebooks" / "04_circuit_reuse.html").read_text()
-    assert "Colored Objects circuit heads are in the IOI circuit" in reuse_page
+    assert "most of the Colored Objects circuit is the IOI circuit" in reuse_page and "layer-matched" in reuse_page
+    intro = (html / "book" / "intro.html").read_text()
+    for chapter_claim in ("IOI: the model ranks IO above S", "most of the Colored Objects circuit is the IOI circuit",
+                          "the IOI circuit has movers", "positions crowd in the channel"):
+        assert chapter_claim in intro, f"scorecard lacks {chapter_claim!r}"  # pasted from the executed chapters
+    for page in html.rglob("*.html"):  # each script once: a repeated `const` declaration is a JavaScript error
+        assert page.read_text().count("const THEBE_JS_URL") <= 1, page
     channels_page = (html / "book" / "notebooks" / "05_inhibition_channels.html").read_text()
     assert "positional subspace" in channels_page and "gemma-3-270m" in channels_page
     list_page = (html / "book" / "notebooks" / "06_laundry_list.html").read_text()

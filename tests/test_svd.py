@@ -103,9 +103,13 @@ def test_processing_folds_the_norm_scale_and_centres_layernorm_models():
     torch.testing.assert_close(W_O.mean(-1), torch.zeros_like(W_O.mean(-1)), atol=1e-6, rtol=0)
 
 
-def test_random_baseline_is_deterministic_and_small():
-    a, b = svd.random_baseline(64, 8, n_samples=50, seed=1), svd.random_baseline(64, 8, n_samples=50, seed=1)
-    assert torch.equal(a, b) and a.shape == (50,) and (a > 0).all() and (a < 1).all()
+@pytest.mark.parametrize("d_model,d_head", [(64, 8), (256, 16), (256, 64)])
+def test_random_heads_compose_at_one_over_root_d_model(d_model, d_head):
+    """Two independent rotation-invariant random maps: E ||M1 M2||^2 = ||M1||^2 ||M2||^2 / d_model, so random pairs
+    score about 1/sqrt(d_model) whatever d_head (GPT-2 small: 0.036, the chance level the chapters draw)."""
+    a = svd.random_baseline(d_model, d_head, n_samples=300, seed=1)
+    assert torch.equal(a, svd.random_baseline(d_model, d_head, n_samples=300, seed=1))
+    assert abs(float(a.mean()) * d_model**0.5 - 1.0) < 0.05
 
 
 @pytest.mark.parametrize("kind", ["Q", "K", "V"])
@@ -167,3 +171,21 @@ def test_gpt2_weights_are_found_where_given_and_reported_absent_otherwise(tmp_pa
     assert svd.find_gpt2_small_attention(tmp_path) == tmp_path
     monkeypatch.setenv("HEADCIRCUITS_GPT2_ATTENTION", str(tmp_path))
     assert svd.find_gpt2_small_attention() == tmp_path
+
+
+def test_component_signs_follow_one_convention_and_keep_the_product():
+    """An SVD fixes each (u_k, v_k) only up to a joint sign; ours makes the largest entry of every v_k positive,
+    so a flipped decomposition comes back identical and U diag(S) Vh is unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(2, 3, 12, 5, generator=gen) @ torch.randn(2, 3, 5, 12, generator=gen)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    U, Vh = U[..., :5], Vh[..., :5, :]
+    S = S[..., :5]
+    fixed_U, fixed_Vh = svd.fix_signs(U, Vh)
+    flip = torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0])
+    again_U, again_Vh = svd.fix_signs(U * flip, Vh * flip[:, None])
+    torch.testing.assert_close(again_Vh, fixed_Vh)
+    torch.testing.assert_close(again_U, fixed_U)
+    torch.testing.assert_close(fixed_U @ torch.diag_embed(S) @ fixed_Vh, M, rtol=1e-4, atol=1e-4)
+    index = fixed_Vh.abs().argmax(-1, keepdim=True)
+    assert (fixed_Vh.gather(-1, index) > 0).all()

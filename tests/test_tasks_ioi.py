@@ -72,3 +72,16 @@ def test_ioi_names_are_single_tokens_for_gpt2(gpt2_tokenizer):
     for word in ioi.NAMES + ioi.PLACES + ioi.OBJECTS:
         assert len(gpt2_tokenizer(" " + word)["input_ids"]) == 1, word
     assert gpt2_tokenizer(" Mary")["input_ids"] == [5335]
+
+
+def test_asking_for_no_prompts_is_a_clear_error(tiny):
+    from headcircuits.tasks import colored_objects, laundry_list
+
+    with pytest.raises(ValueError, match="at least one IOI prompt"):
+        ioi.generate(tiny, 0)
+    with pytest.raises(ValueError, match="at least one Colored Objects prompt"):
+        colored_objects.generate(tiny, 0)
+    with pytest.raises(ValueError, match="lengths names no list length"):
+        laundry_list.generate(tiny, 4, lengths=[])
+    with pytest.raises(ValueError, match="at least one prompt per list length"):
+        laundry_list.generate(tiny, 0, lengths=[3])

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from headcircuits.errors import HeadcircuitsError
+from headcircuits.errors import ParameterError
 
 NOTEBOOK_ENV = {
     "HEADCIRCUITS_BOOK": "1",  # circuitsvis widgets load the book's vendored copy (plots.Widget)
@@ -28,7 +28,7 @@ NOTEBOOK_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "WANDB_MODE": "disabled",
 }
-# The hub is not forced offline here: `build-book -p model_name=gpt2-medium` must work for a reader with internet.
+# The hub is not forced offline here: `build-book -p model_names=gpt2-medium` must work for a reader with internet.
 # `make book` / `make test` set HF_HUB_OFFLINE=1 themselves (the default book uses only offline models).
 MATHJAX_PARTS = ("tex-chtml.js", "output/chtml/fonts/woff-v2", "input/tex/extensions", "a11y", "ui", "adaptors")
 
@@ -85,10 +85,6 @@ def notebooks_in_toc(root: Path) -> list[Path]:
                 raise FileNotFoundError(f"book/_toc.yml names {f} but {src} does not exist")
             out.append(src)
     return out
-
-
-class ParameterError(HeadcircuitsError, ValueError):
-    """A build parameter that no notebook declares, or one written without ``=``."""
 
 
 def declared_parameters(notebook: Path) -> dict[str, str]:

@@ -72,6 +72,7 @@ class Circuit:
     tables: dict[str, Tensor] = field(default_factory=dict)
     fraction: float = 0.02
     min_effect: float = 0.01
+    notes: dict[str, str] = field(default_factory=dict)  # per stage, e.g. why its effects are exactly zero
 
     def __contains__(self, head: Head) -> bool:
         return head in self.heads
@@ -125,8 +126,19 @@ def discover(
         senders = receivers.senders(model.facts.n_layers, model.facts.n_heads)
         if not senders:
             break
-        table = patching.path_patch(model, data, receivers, senders, method=method, freeze_mlps=freeze_mlps,
-                                    base=base, progress=progress, cache=cache)
+        if stage.kind != "logits" and patching.zero_by_construction(data, stage.position):
+            table = torch.full((model.facts.n_layers, model.facts.n_heads), float("nan"))
+            for head in senders:
+                table[head] = 0.0
+            circuit.tables[stage.name] = table
+            circuit.notes[stage.name] = (
+                f"every effect is exactly 0: the counterfactual changes no token up to {stage.position}, so no "
+                f"sender's output differs where the receivers read it (not computed; no head selected)")
+            previous = []
+            continue
+        else:
+            table = patching.path_patch(model, data, receivers, senders, method=method, freeze_mlps=freeze_mlps,
+                                        base=base, progress=progress, cache=cache)
         circuit.tables[stage.name] = table
         previous = top_heads(table, fraction, min_effect)
         for head in previous:
@@ -316,19 +328,24 @@ def assign_classes(
     that class's query/key pair, see :data:`CLASS_ATTENTION`) and direct logit differences ``dla``:
 
     * the class whose attention score is highest, "other" when none reaches ``threshold``;
-    * a head whose strongest pattern is from END to a name (IO or S2) and whose direct logit difference is below
-      ``-negative`` writes against the answer: a **negative mover** (Wang et al.'s 10.7 and 11.10 attend to IO;
-      Circuit Component Reuse's 19.1 in GPT-2 medium is an END -> S2 head that writes against the answer, so
-      inhibition heads are checked too). ``classify`` sets ``negative`` to 5 % of the mean logit difference, so
-      that an inhibition head's small incidental write does not flip its class.
+    * a head whose strongest pattern is from END to a name (IO or S2) is then judged by what it writes when that
+      is large: below ``-negative`` it writes against the answer, a **negative mover** (Wang et al.'s 10.7 and
+      11.10 attend to IO; Circuit Component Reuse's 19.1 in GPT-2 medium attends to S2); above ``+negative`` it
+      writes the answer, a **mover**, wherever it looks (a head that attends to S2 but copies IO is a mover, not an
+      inhibition head); in between, its attention decides (IO: mover, S2: inhibition). ``classify`` sets
+      ``negative`` to 5 % of the mean logit difference, so that an inhibition head's small incidental write does
+      not change its class.
     """
     classes = {}
     for head in heads:
         name, score = max(((n, float(p[head])) for n, p in patterns.items()), key=lambda x: x[1])
         if score < threshold:
             name = "other"
-        elif name in ("mover", "inhibition") and float(dla[head]) < -negative:
-            name = "negative mover"
+        elif name in ("mover", "inhibition"):
+            if float(dla[head]) < -negative:
+                name = "negative mover"
+            elif float(dla[head]) > negative:
+                name = "mover"
         classes[head] = name
     return classes
 

@@ -23,3 +23,7 @@ class ModelCacheError(HeadcircuitsError, RuntimeError):
 
 class VocabularyError(HeadcircuitsError, ValueError):
     """A task word is not a single token for this tokenizer, or the vocabulary is too small for the request."""
+
+
+class ParameterError(HeadcircuitsError, ValueError):
+    """A notebook or build parameter that does not exist or has an unusable value; the message lists valid ones."""

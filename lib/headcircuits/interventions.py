@@ -12,8 +12,8 @@ The paper's exact forced pattern is not released. Our documented choice (all of 
   ``(1 - strength) * original + strength * uniform(keys)``, a valid probability distribution; ``strength=1``
   puts all attention on the ``keys`` positions (Colored Objects: ``WRONG_COLOR_0`` and ``WRONG_COLOR_1``, equal
   weight); every other position and head is untouched, and everything downstream is recomputed;
-* the control applies the same intervention to random heads (same number, drawn from the same layers, excluding
-  the chosen ones), several draws.
+* the control applies the same intervention to random heads (same number, distinct draws from the layers the
+  chosen heads span, excluding them and any other excluded heads such as the whole circuit; :func:`control_heads`).
 
 Editing the attention probabilities (``hook_pattern``) changes the head's output exactly as if those were its
 attention weights (tested against the value vectors on every tiny family).
@@ -82,16 +82,6 @@ class ForcedAttention:
         return hooks
 
 
-def random_heads(
-    n_layers: int, n_heads: int, k: int, *, exclude: set[Head] = frozenset(), layers: range | None = None, seed: int = 0
-) -> tuple[Head, ...]:
-    """``k`` distinct random heads from ``layers`` (all by default), none of them in ``exclude`` (a control set)."""
-    pool = [(l, h) for l in (layers or range(n_layers)) for h in range(n_heads) if (l, h) not in exclude]
-    if k > len(pool):
-        raise ValueError(f"cannot draw {k} random heads from {len(pool)} candidates")
-    return tuple(sorted(random.Random(seed).sample(pool, k)))
-
-
 @torch.no_grad()
 def attention_under(
     model: Model, data: TaskData, heads: list[Head], query: str, keys: list[str],
@@ -101,6 +91,8 @@ def attention_under(
     without an intervention in the same forward pass (e.g. the movers' attention to the right and wrong colours
     before and after the repair)."""
     out = torch.zeros(len(heads), len(keys), device=model.device)
+    if not heads:
+        return out.cpu()
     hooks_for = intervention.hooks_for(data) if intervention else (lambda start, stop: [])
     layers = sorted({l for l, _ in heads})
     for batch in data.batches(batch_size, device=model.device):
@@ -155,7 +147,8 @@ def repair(
     exclude: set[Head] | frozenset = frozenset(),
     seed: int = 0,
     batch_size: int = 32,
-) -> pd.DataFrame:
+    per_prompt: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Accuracy and logit difference of the task with no intervention, with each named head set forced onto
     ``keys`` at END, and with ``n_controls`` distinct random head sets of the size of the largest named set
     (:func:`control_heads`: drawn from ``control_layers``, default the layers the named heads span, widened when
@@ -163,13 +156,18 @@ def repair(
 
     One row per condition: ``condition``, ``heads``, ``top1_accuracy``, ``candidate_accuracy`` (among the three
     listed colours), ``logit_diff_mean`` and their standard errors; controls have ``condition='random k'`` and
-    ``pool`` names the layers they were drawn from."""
+    ``pool`` names the layers they were drawn from. ``per_prompt=True`` also returns each condition's
+    :func:`headcircuits.metrics.evaluate` table (controls as ``random k #i``), for paired comparisons."""
     rows = []
+    tables: dict[str, pd.DataFrame] = {}
 
     def run(condition: str, chosen: tuple[Head, ...]) -> None:
         hooks = ForcedAttention(chosen, keys, strength=strength).hooks_for(data) if chosen else None
-        summary = metrics.summarise(metrics.evaluate(model, data, batch_size=batch_size, hooks_for=hooks))
-        rows.append({"condition": condition, "heads": " ".join(f"{l}.{h}" for l, h in chosen), **summary})
+        table = metrics.evaluate(model, data, batch_size=batch_size, hooks_for=hooks)
+        label = condition if condition not in tables else f"{condition} #{sum(k.startswith(condition) for k in tables)}"
+        tables[label] = table
+        rows.append({"condition": condition, "heads": " ".join(f"{l}.{h}" for l, h in chosen),
+                     **metrics.summarise(table)})
 
     run("none", ())
     for name, chosen in heads.items():
@@ -184,7 +182,8 @@ def repair(
         for chosen in draws:
             run(f"random {size}", chosen)
             rows[-1]["pool"] = f"layers {layers.start}-{layers.stop - 1}, excluding {len(named | set(exclude))} heads"
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    return (frame, tables) if per_prompt else frame
 
 
 # --- ablating SVD components of a head's output (Talking Heads) ------------------------------------------------------

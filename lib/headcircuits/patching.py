@@ -172,6 +172,18 @@ def _position_mask(data: TaskData, position: str | None, shape: tuple[int, int],
     return mask
 
 
+def zero_by_construction(data: TaskData, position: str) -> bool:
+    """True when every prompt's counterfactual has the same tokens as the clean prompt up to and including
+    ``position``: then every head's counterfactual output there equals its clean output (attention is causal),
+    and since path patching freezes every other head, nothing else reaches the receivers at that position, so
+    every sender's effect on receivers read there is exactly 0 (e.g. the S2 -> IO counterfactual and the
+    previous-token stage's keys at S1+1)."""
+    pos = data.at(position)
+    same = data.clean.ids == data.corrupt.ids
+    upto = torch.arange(same.shape[1])[None, :] <= pos[:, None]
+    return bool((same | ~upto).all())
+
+
 def _receiving_model(model: Model, receivers: Receivers) -> Model:
     """The model the experiment runs on: its ungrouped copy for per-head k / v receivers (see the module
     docstring), else itself."""

@@ -13,8 +13,11 @@ name               where      notes
 ``tiny-<family>``  built      random 3-layer models (gpt2, llama, gemma3, gpt-neox) for tests.
 =================  =========  ==============================================================================
 
-BOS is a per-model fact (``Model.facts.prepend_bos``). Hub models prepend BOS, as TransformerLens did by default
-in the papers' code.
+BOS is a per-model fact (``Model.facts.prepend_bos``), following each paper where it states it:
+
+* ``gpt2-medium``: no BOS, as Circuit Component Reuse tokenised its prompts;
+* ``gpt2-small``, ``pythia-160m``: Talking Heads does not state it; we prepend BOS, TransformerLens' default
+  (our choice, documented here and in the chapters).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from headcircuits.errors import HubUnreachableError, UnknownModelError
+from headcircuits.errors import HubUnreachableError, ParameterError, UnknownModelError
 from headcircuits.models.core import Model, ModelFacts, Tokens
 from headcircuits.models.facts import facts_from_config
 from headcircuits.models.offline import (
@@ -71,8 +74,10 @@ OFFLINE_MODELS: dict[str, ModelSpec] = {
     ),
 }
 HUB_MODELS: dict[str, ModelSpec] = {
+    # BOS: Circuit Component Reuse tokenised GPT-2 medium without it; Talking Heads does not say (ours: BOS, the
+    # TransformerLens default)
     "gpt2-small": ModelSpec("hub", True, "GPT-2 small, 124M (Talking Heads)", hub_id="gpt2"),
-    "gpt2-medium": ModelSpec("hub", True, "GPT-2 medium, 355M (Circuit Component Reuse)", hub_id="gpt2-medium"),
+    "gpt2-medium": ModelSpec("hub", False, "GPT-2 medium, 355M (Circuit Component Reuse)", hub_id="gpt2-medium"),
     "pythia-160m": ModelSpec("hub", True, "Pythia-160m (Talking Heads)", hub_id="EleutherAI/pythia-160m"),
 }
 TINY_MODELS: dict[str, ModelSpec] = {
@@ -199,6 +204,16 @@ def model_names(value: str | list[str] | tuple[str, ...]) -> list[str]:
     return [n.lower() for n in names]
 
 
+def single_model_name(value: str | list[str] | tuple[str, ...]) -> str:
+    """``model_names`` for a chapter that studies one model per run: exactly one known name (or a list of one)."""
+    names = model_names(value)
+    if len(names) != 1:
+        raise ParameterError(
+            f"this chapter studies one model per run, but model_names names {len(names)}: {names}. Run it once per "
+            f"model, e.g. `headcircuits build-book -p model_names={names[0]}`")
+    return names[0]
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = None, *, seed: int = 0) -> Model:
     """Load a zoo model by name (see the module docstring); ``seed`` only matters for ``tiny-*`` models.
 
@@ -253,7 +268,9 @@ def ungrouped(model: Model) -> Model:
     copy_model.load_state_dict(state, assign=True, strict=True)
     copy_model.tie_weights()
     copy_model.eval()
-    bridge = _to(_boot(model.name, str(model.device), hf_model=copy_model, tokenizer=model.tokenizer), model.device)
+    # boot under the path the model was loaded from (a zoo name can be a TransformerLens alias, which it warns about)
+    source = getattr(hf.config, "_name_or_path", None) or model.name
+    bridge = _to(_boot(source, str(model.device), hf_model=copy_model, tokenizer=model.tokenizer), model.device)
     facts = dataclasses.replace(model.facts, n_kv_heads=model.facts.n_heads)
     model._ungrouped = Model(bridge=bridge, tokenizer=model.tokenizer, facts=facts,
                              weights_id=model.weights_id + ":ungrouped")
@@ -289,6 +306,7 @@ __all__ = [
     "known_models",
     "load_model",
     "model_names",
+    "single_model_name",
     "prepare_offline_models",
     "ungrouped",
     "verify_entry",

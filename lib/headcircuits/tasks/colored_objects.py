@@ -178,19 +178,28 @@ def paper_prompts() -> list[tuple[Question, Question, int]]:
     return triples
 
 
-def from_paper(model: Model, n: int | None = None) -> TaskData:
+def from_paper(
+    model: Model, n: int | None = None, *, on_multi_token: Literal["filter", "error"] = "filter"
+) -> TaskData:
     """TaskData of the paper's own released prompts (the first ``n``, default all 1,000), in their order.
-    Every word of them is a single token for GPT-2; a model for which one is not gets a clear error."""
+
+    Every word of them is a single token for GPT-2. For another tokenizer, a prompt whose final question names a
+    word that is not one token (its colours and objects are answers and named positions) is left out
+    (``'filter'``; the count and the words are in ``data.meta.attrs``) or refused (``'error'``)."""
     triples = paper_prompts()
     if n is not None:
         if not 1 <= n <= len(triples):
             raise ValueError(f"the paper released {len(triples)} prompts; ask for 1 to {len(triples)}, not {n}")
         triples = triples[:n]
-    words = sorted({w for s, q, _ in triples for w in (*q.objects, *q.colors)})
-    _usable(model, tuple(words), title=False, on_multi_token="error")
-    _usable(model, tuple(sorted({c for _, q, _ in triples for c in q.colors})), title=True, on_multi_token="error")
-    data = build(model, triples, seed=None)
+    objects, dropped_o = _usable(model, OBJECTS, title=False, on_multi_token=on_multi_token)
+    colors, dropped_c = _usable(model, COLORS, title=True, on_multi_token=on_multi_token)
+    keep = [t for t in triples if set(t[1].objects) <= set(objects) and set(t[1].colors) <= set(colors)]
+    if not keep:
+        raise VocabularyError(f"no released prompt's final question is single tokens for {model.name} "
+                              f"(multi-token words: {dropped_o + dropped_c})")
+    data = build(model, keep, seed=None)
     data.meta["source"] = "paper"
+    data.meta.attrs.update(dropped_words=dropped_o + dropped_c, dropped_prompts=len(triples) - len(keep))
     return data
 
 
