@@ -227,3 +227,36 @@ def test_inhibition_score_is_the_change_of_attention_when_the_direction_leaves_t
         (f"blocks.{sender[0]}.attn.hook_z", grab), (f"blocks.{sender[0]}.hook_attn_out", remove(z_seen))]).mean()
     assert abs(float(edited - base)) > 1e-5
     torch.testing.assert_close(scores[0], edited - base, rtol=1e-3, atol=1e-6)
+
+
+def test_the_setting_is_chosen_on_one_half_and_reported_on_the_other(tiny):
+    """A fake intervention whose effect is known: setting s makes a prompt right when its answer position + s is
+    even. The chosen setting maximises the choosing half's mean gain over lengths; before/after and controls come
+    from the held-out prompts only, and the same seed gives the same split and choice."""
+    import pandas as pd
+
+    from headcircuits.tasks import laundry_list
+
+    data = laundry_list.generate_grid(tiny, 2, lengths=[2, 3, 4], seed=0)
+    seen = []
+
+    def run(part, setting):
+        seen.append((tuple(part.clean_text), setting))
+        shift = 0 if setting is None else setting
+        right = [(p + shift) % 2 == 0 for p in part.meta.target_position]
+        return part.meta.assign(prompt=part.clean_text, candidate_correct=right)
+
+    result = interventions.choose_and_hold_out(data, run, [1, 2, 3], seed=4, n_controls=2,
+                                               control=lambda part, s, i: run(part, None))
+    assert set(result.choose.clean_text).isdisjoint(result.held_out.clean_text)
+    assert len(result.choose) + len(result.held_out) == len(data)
+    base = run(result.choose, None).groupby("list_length").candidate_correct.mean()
+    means = {s: float((run(result.choose, s).groupby("list_length").candidate_correct.mean() - base).mean())
+             for s in (1, 2, 3)}
+    assert means[result.setting] == max(means.values())
+    pd.testing.assert_frame_equal(result.after, run(result.held_out, result.setting))
+    assert list(result.before.prompt) == result.held_out.clean_text and len(result.controls) == 2
+    again = interventions.choose_and_hold_out(data, run, [1, 2, 3], seed=4)
+    assert again.setting == result.setting and again.held_out.clean_text == result.held_out.clean_text
+    with pytest.raises(ValueError, match="at least one setting"):
+        interventions.choose_and_hold_out(data, run, [])

@@ -292,3 +292,57 @@ def inhibition_scores(
         ablation = ComponentAblation.of(weights, sender, [k])
         out.append(attention_contrast(model, data, receiver, repeated, answer, hooks=ablation.hooks()).mean() - base)
     return torch.stack(out)
+
+
+# --- choosing an intervention's setting on one half of the prompts, reporting it on the other ----------------------
+
+@dataclass
+class HeldOut:
+    """The result of :func:`choose_and_hold_out`: the chosen ``setting``, the ``sweep`` that chose it (mean gain
+    per group on the choosing half), the two halves, and per-prompt tables on the held-out half: ``before`` (no
+    intervention), ``after`` (the chosen setting) and one per control."""
+
+    setting: object
+    sweep: pd.DataFrame
+    choose: TaskData
+    held_out: TaskData
+    before: pd.DataFrame
+    after: pd.DataFrame
+    controls: list[pd.DataFrame]
+
+
+def choose_and_hold_out(
+    data: TaskData,
+    run,
+    settings,
+    *,
+    control=None,
+    n_controls: int = 0,
+    fraction: float = 0.5,
+    seed: int = 0,
+    by: str = "list_length",
+    score: str = "candidate_correct",
+) -> HeldOut:
+    """Our protocol for an intervention with a free setting (a scale, a factor): split the prompts in two halves,
+    each value of ``by`` in both (:meth:`TaskData.split`); on the choosing half, pick the setting with the highest
+    gain in ``score`` (mean over the groups of ``by``, so every list length counts alike); report it on the other
+    half only, so the reported gain is not inflated by the choice.
+
+    ``run(part, setting)`` returns the per-prompt table (:func:`headcircuits.metrics.evaluate`) of ``part`` under
+    the intervention with ``setting`` (``None``: no intervention); ``control(part, setting, i)`` the table of the
+    ``i``-th control (e.g. random directions of the same size) on the held-out half.
+    """
+    settings = list(settings)
+    if not settings:
+        raise ValueError("give at least one setting to choose from")
+    choose, held_out = data.split(fraction, seed=seed, by=by)
+    base = run(choose, None).groupby(by)[score].mean()
+    rows = []
+    for setting in settings:
+        gain = run(choose, setting).groupby(by)[score].mean() - base
+        rows += [{"setting": setting, by: key, "gain": float(value)} for key, value in gain.items()]
+    sweep = pd.DataFrame(rows)
+    means = sweep.groupby("setting", sort=False).gain.mean()
+    best = means.index[int(means.to_numpy().argmax())]  # the first setting among equals
+    controls = [control(held_out, best, i) for i in range(n_controls)] if control is not None else []
+    return HeldOut(best, sweep, choose, held_out, run(held_out, None), run(held_out, best), controls)
