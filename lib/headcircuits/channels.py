@@ -42,7 +42,6 @@ from headcircuits.svd import fix_signs
 from headcircuits.tasks.base import TaskData
 
 
-
 @dataclass(frozen=True)
 class Channel:
     """The top ``per_head`` OV components of a set of heads, and (after :meth:`fit`) the positional subspace.

@@ -14,7 +14,9 @@ value, in any stage (both kinds of movers count), and moves at least ``min_effec
 the clean to the counterfactual behaviour: our documented addition, so that a stage whose strongest heads move
 almost nothing does not fill the circuit with noise. Every stage uses the fast path patching by default
 (``method='reference'`` runs the paper's loop; both give the same tables). ``fraction`` and the stages are
-parameters.
+parameters. A stage whose receivers read a position where the counterfactual changes nothing yet (e.g. the
+previous-token stage with the S2 -> IO counterfactual) has exactly zero effects: it is recorded, not computed
+(:func:`headcircuits.patching.zero_by_construction`), with a note in ``Circuit.notes``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from headcircuits import metrics, patching
 from headcircuits.metrics import attention_between_pairs
 from headcircuits.models.core import Head, Model
 from headcircuits.tasks.base import TaskData
-
 
 
 @dataclass(frozen=True)
@@ -136,9 +137,8 @@ def discover(
                 f"sender's output differs where the receivers read it (not computed; no head selected)")
             previous = []
             continue
-        else:
-            table = patching.path_patch(model, data, receivers, senders, method=method, freeze_mlps=freeze_mlps,
-                                        base=base, progress=progress, cache=cache)
+        table = patching.path_patch(model, data, receivers, senders, method=method, freeze_mlps=freeze_mlps,
+                                    base=base, progress=progress, cache=cache)
         circuit.tables[stage.name] = table
         previous = top_heads(table, fraction, min_effect)
         for head in previous:

@@ -35,7 +35,6 @@ from headcircuits.models.core import Head, Model
 from headcircuits.tasks.base import TaskData
 
 
-
 @dataclass(frozen=True)
 class ForcedAttention:
     """Force ``heads`` to attend, at each prompt's ``query`` position, to its ``keys`` positions (uniformly),

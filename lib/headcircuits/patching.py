@@ -97,6 +97,7 @@ class Receivers:
         if bad:
             raise ValueError(f"receiver heads {bad} do not exist in {model.name} ({L} layers x {H} heads)")
         data.at(self.position)  # raises with the fix when a prompt lacks the position
+
     @property
     def layers(self) -> list[int]:
         return sorted({layer for layer, _ in self.heads})
@@ -179,6 +180,8 @@ def zero_by_construction(data: TaskData, position: str) -> bool:
     every sender's effect on receivers read there is exactly 0 (e.g. the S2 -> IO counterfactual and the
     previous-token stage's keys at S1+1)."""
     pos = data.at(position)
+    if data.clean.ids.shape != data.corrupt.ids.shape:
+        return False  # prompts of other lengths: not the same tokens (and path patching refuses them anyway)
     same = data.clean.ids == data.corrupt.ids
     upto = torch.arange(same.shape[1])[None, :] <= pos[:, None]
     return bool((same | ~upto).all())
