@@ -60,6 +60,26 @@ def test_circuit_map_draws_every_head_at_its_layer_and_index():
     plt.close(fig)
 
 
+def test_a_head_class_has_the_same_colour_in_every_map():
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+
+    def colour_of(classes, head):
+        fig = plots.circuit_map(classes, n_layers=4, n_heads=3)
+        ax = fig.axes[0]
+        for c in ax.collections:
+            offsets = [tuple(map(float, p)) for p in c.get_offsets()]
+            if (float(head[0]), float(head[1])) in offsets:
+                colour = to_rgb(c.get_facecolors()[offsets.index((float(head[0]), float(head[1])))][:3])
+                plt.close(fig)
+                return colour
+        raise AssertionError("head not drawn")
+
+    a = colour_of({(3, 1): "inhibition", (2, 0): "mover"}, (3, 1))
+    b = colour_of({(1, 1): "induction", (3, 1): "inhibition"}, (3, 1))  # another order of appearance
+    assert a == b == tuple(plots.class_colours()["inhibition"])
+
+
 def test_offline_scan_finds_remote_loads(tmp_path):
     """The scan must be able to fail: plant every kind of network load and expect each to be reported."""
     (tmp_path / "ok.html").write_text(

@@ -114,22 +114,38 @@ def effect_heatmaps(
     return fig
 
 
+#: one colour per behavioural head class, the same in every figure of the book (colour-blind palette)
+CLASS_ORDER: tuple[str, ...] = ("mover", "negative mover", "inhibition", "induction", "duplicate-token",
+                                "previous-token", "other")
+
+
+def class_colours() -> dict[str, tuple[float, float, float]]:
+    """The fixed colour of each head class (:data:`CLASS_ORDER`)."""
+    return dict(zip(CLASS_ORDER, sns.color_palette("colorblind", len(CLASS_ORDER))))
+
+
 def circuit_map(
     classes: dict[tuple[int, int], str], n_layers: int, n_heads: int, *, title: str = "",
     reference: dict[tuple[int, int], str] | None = None,
 ) -> plt.Figure:
-    """The circuit's heads on the layer x head grid, coloured by behavioural class (``reference``: a second
-    set drawn as open circles, e.g. the heads another task's circuit uses)."""
+    """The circuit's heads on the layer x head grid, coloured by behavioural class, each class in its fixed colour
+    (``reference``: a second set drawn as open circles, e.g. the heads another task's circuit uses)."""
     import pandas as pd
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     frame = pd.DataFrame([{"layer": l, "head": h, "class": c} for (l, h), c in sorted(classes.items())])
     if len(frame):
-        sns.scatterplot(data=frame, x="layer", y="head", hue="class", s=110, ax=ax, zorder=3)
+        colours = class_colours()
+        present = [c for c in CLASS_ORDER if c in set(frame["class"])] + sorted(set(frame["class"]) - set(CLASS_ORDER))
+        sns.scatterplot(data=frame, x="layer", y="head", hue="class", hue_order=present, s=110, ax=ax, zorder=3,
+                        palette={c: colours.get(c, (0.5, 0.5, 0.5)) for c in present})
     if reference:
         ax.scatter([l for l, _ in reference], [h for _, h in reference], s=260, facecolors="none",
                    edgecolors="grey", lw=1.2, label="other circuit", zorder=2)
     ax.set(xlim=(-0.5, n_layers - 0.5), ylim=(-0.5, n_heads - 0.5), title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # heads and layers are whole numbers
     ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
     return fig
