@@ -48,3 +48,14 @@ def gpt2_tokenizer():
 def smollm2_or_tiny(request):
     """A check that must hold both on a tiny model and on the real tokenizer of the embedded model."""
     return load_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def gpt2_weights():
+    """GPT-2 small's real attention weights (the Talking Heads paper's model), from ../shared."""
+    path = SHARED / "gpt2-small-attention"
+    if not path.is_dir():
+        pytest.skip(f"../shared is absent ({path} not found): GPT-2 small's real weights are needed")
+    from headcircuits import svd
+
+    return svd.load_gpt2_small_attention(path)

@@ -216,3 +216,163 @@ def test_roles_and_the_positional_channel_are_found_on_the_model_itself(tiny):
                                       rank=1)
     assert channel.heads == tuple(heads) and channel.axes.shape == (1, 2 * len(heads))
     torch.testing.assert_close(channel.axes.norm(dim=-1), torch.ones(1), rtol=0, atol=1e-5)
+
+
+def _resid(model, data, hooks_for=None):
+    """Every layer's residual stream (input of each block) and the logits, under an intervention."""
+    seen = {}
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(model.facts.n_layers)]
+
+    def record(x, hook, name):
+        seen[name] = x.detach().clone()
+        return x
+
+    hooks = hooks_for(0, len(data)) if hooks_for else []
+    with torch.no_grad():
+        logits = model.bridge.run_with_hooks(data.clean.ids, fwd_hooks=[
+            *hooks, *((n, lambda x, hook, n=n: record(x, hook, n)) for n in names)])
+    return [seen[n] for n in names], logits
+
+
+def test_replacing_a_heads_output_by_its_own_coordinates_changes_nothing(tiny, setup):
+    """Replacement (the paper's intervention) with every component of a head at its current coordinates gives the
+    head's output back: the logits do not change. A different value changes only END, from the head's layer on."""
+    w, data, _ = setup(tiny)
+    offsets = svd.value_offsets(tiny)
+    d_head = tiny.facts.d_head
+    full = channels.Channel.pick(w, {(1, 2): list(range(d_head)), (2, 0): list(range(d_head))}, offsets=offsets)
+    own = full.coefficients(tiny, data)  # [batch, 2 * d_head]
+    plain, logits = _resid(tiny, data)
+    _, replaced = _resid(tiny, data, channels.ChannelReplacement(full, own).hooks_for(data))
+    assert (replaced - logits).abs().max() < 1e-4
+    one = channels.Channel.pick(w, {(1, 2): [1]}, offsets=offsets)
+    moved, moved_logits = _resid(tiny, data, channels.ChannelReplacement(one, torch.tensor([3.0])).hooks_for(data))
+    end = data.at("END")
+    rows = torch.arange(len(data))
+    for layer, (a, b) in enumerate(zip(plain, moved)):
+        other = torch.ones_like(a[..., 0], dtype=torch.bool)
+        other[rows, end] = False
+        assert torch.equal(a[other], b[other]), f"layer {layer}: a position other than END changed"
+        if layer <= 1:
+            assert torch.equal(a[rows, end], b[rows, end])
+    assert (moved[2][rows, end] - plain[2][rows, end]).abs().max() > 1e-3
+    # the head now writes exactly 3 x its component 1 at END (coordinates read back)
+    assert torch.allclose(one.coefficients(tiny, data, hooks=channels.ChannelReplacement(one, torch.tensor([3.0])).hooks_for(data)(0, len(data))),
+                          torch.full((len(data), 1), 3.0), atol=1e-4)
+
+
+def test_setting_one_coordinate_keeps_the_rest_of_the_heads_output(tiny, setup):
+    w, data, _ = setup(tiny)
+    offsets = svd.value_offsets(tiny)
+    two = channels.Channel.pick(w, {(1, 2): [0, 1]}, offsets=offsets)
+    before = two.coefficients(tiny, data)
+    target = torch.tensor([before[:, 0].mean().item() + 1.0, 0.0]).expand(len(data), 2).clone()
+    target[:, 1] = before[:, 1]  # keep component 1 where it was
+    hooks = channels.ChannelReplacement(two, target, mode="set").hooks_for(data)(0, len(data))
+    after = two.coefficients(tiny, data, hooks=hooks)
+    assert torch.allclose(after, target, atol=1e-4)
+    with pytest.raises(ValueError, match="replace"):
+        channels.ChannelReplacement(two, target, mode="add")
+
+
+def test_picking_components_is_checked():
+    w = svd.HeadWeights(*(torch.randn(3, 2, 16, 4) for _ in range(3)), torch.randn(3, 2, 4, 16))
+    with pytest.raises(ValueError, match="same"):
+        channels.Channel.pick(w, {(1, 0): [0], (2, 1): [0, 1]})
+    with pytest.raises(ValueError, match="between 0 and 3"):
+        channels.Channel.pick(w, {(1, 0): [4]})
+    picked = channels.Channel.pick(w, {(1, 0): [2], (2, 1): [0]})
+    assert picked.labels == ["1.0 c2", "2.1 c0"]
+    assert torch.allclose(picked.directions[0, 0], svd.head_svd(w.OV[1, 0]).Vh[2])
+
+
+@torch.no_grad()
+def _mover_attention_plain(model, data, replacement, mover, keys):
+    """The reference: the whole model run on the whole prompts, the replacement as hooks, the mover's pattern read."""
+    seen = {}
+
+    def record(p, hook):
+        seen["p"] = p[:, mover[1]].detach().clone()
+        return p
+
+    hooks = replacement.hooks_for(data)(0, len(data)) + [(f"blocks.{mover[0]}.attn.hook_pattern", record)]
+    model.bridge.run_with_hooks(data.clean.ids, fwd_hooks=hooks)
+    rows, end = torch.arange(len(data)), data.at("END")
+    return torch.stack([seen["p"][rows, end, data.at(k)] for k in keys], dim=-1)
+
+
+@pytest.mark.parametrize("mode", ["replace", "set"])
+def test_the_traversal_equals_the_plain_hooked_forward_pass(tiny, mode):
+    """channels.traverse recomputes END only, from the lowest channel layer to the mover, on a cached prefix; at
+    every grid point it must give the mover's attention of the full hooked run (prompts of several lengths, so
+    several length groups; heads in two layers)."""
+    w = svd.from_model(tiny)
+    data = laundry_list.generate(tiny, 5, seed=0, lengths=[3, 4])
+    assert len(set(data.clean.lengths.tolist())) > 1
+    channel = channels.Channel.pick(w, {(0, 1): [0], (1, 2): [1], (1, 3): [2]}, offsets=svd.value_offsets(tiny))
+    points = torch.tensor([[0.0, 0.0, 0.0], [2.0, -1.0, 0.5], [-3.0, 1.5, 2.0]])
+    mover = (2, 0)
+    keys = ["ITEM_0", "ITEM_1", "ITEM_2"]
+    fast = channels.traverse(tiny, data, channel, points, mover, keys, rows_per_run=7, mode=mode, progress=False)
+    assert fast.shape == (3, len(data), 3)
+    for i, point in enumerate(points):
+        plain = _mover_attention_plain(tiny, data, channels.ChannelReplacement(channel, point, mode=mode), mover, keys)
+        assert (fast[i] - plain).abs().max() < 1e-5, f"point {i}"
+    assert (fast[1] - fast[2]).abs().max() > 1e-4  # the points differ: the replacement reaches the mover
+    high = channels.Channel.pick(w, {(1, 2): [1]})
+    with pytest.raises(ValueError, match="below the channel"):
+        channels.traverse(tiny, data, high, points[:, :1], (0, 0), keys, progress=False)
+
+
+def test_pieces_counts_connected_regions_per_index():
+    labels = torch.tensor([
+        [0, 0, 1],
+        [2, 0, 1],
+        [0, 2, 2],
+    ]).flatten()
+    assert channels.pieces(labels, (3, 3)) == {0: 2, 1: 1, 2: 2}  # 0: top-left block and the lone corner
+    cube = torch.zeros(2, 2, 2, dtype=torch.long)
+    cube[0, 0, 0] = cube[1, 1, 1] = 1  # opposite corners touch no face
+    assert channels.pieces(cube.flatten(), (2, 2, 2)) == {0: 1, 1: 2}
+
+
+def test_grid_regions_and_centroids():
+    coords = torch.tensor([[0.0, 10.0], [1.0, 20.0]])
+    points = channels.grid(coords, resolution=3, margin=0.0)
+    assert points.shape == (9, 2)
+    assert torch.allclose(points[:3], torch.tensor([[0.0, 10.0], [0.0, 15.0], [0.0, 20.0]]))
+    attention = torch.zeros(9, 4, 3)
+    attention[:5, :, 0] = 1.0  # the first five points send the mover to item 0 on every prompt
+    attention[5:, :, 2] = 1.0
+    labels = channels.regions(attention)
+    assert labels.tolist() == [0] * 5 + [2] * 4
+    found = channels.centroids(points, labels, 3)
+    assert set(found) == {0, 2} and torch.allclose(found[0], points[:5].mean(0))
+    attention[0, :, 1] = 0.5  # item 1 has no region; with the attention, its best point stands in
+    assert torch.equal(channels.centroids(points, labels, 3, attention)[1], points[0])
+    with pytest.raises(ValueError, match="at least 2"):
+        channels.grid(coords, resolution=1)
+
+
+def test_the_paper_subspace_keeps_the_heads_whose_removal_lowers_inhibition_most():
+    w = svd.HeadWeights(*(torch.randn(4, 2, 16, 4) for _ in range(3)), torch.randn(4, 2, 4, 16))
+    components = {(1, 0): 2, (1, 1): 0, (2, 0): 3, (2, 1): 1}
+    effects = {(1, 0): torch.tensor([-0.1]), (1, 1): torch.tensor([-0.01]), (2, 0): torch.tensor([-0.3]),
+               (2, 1): torch.tensor([-0.2])}
+    sub = channels.paper_subspace(w, components, effects)
+    assert sub.heads == ((2, 0), (2, 1), (1, 0)) and sub.components == ((3,), (1,), (2,))
+
+
+def test_the_mover_is_the_one_attending_most_to_io(tiny):
+    data = ioi.generate(tiny, 6, seed=0)
+    movers = [(2, 0), (2, 1), (2, 3)]
+    to_io = [float(interventions.attention_per_prompt(tiny, data, m, "END", ["IO"]).mean()) for m in movers]
+    assert channels.choose_mover(tiny, data, movers) == movers[int(torch.tensor(to_io).argmax())]
+    with pytest.raises(ValueError, match="no mover"):
+        channels.choose_mover(tiny, data, [])
+
+
+def test_gpt2_channel_components_and_their_effect_sign(gpt2_weights):
+    """On GPT-2 small's weights the channel components for mover 9.9 are the paper's (7.9.6, 8.6.2, 8.10.1)."""
+    found = channels.channel_components(gpt2_weights, [(7, 3), (7, 9), (8, 6), (8, 10)], (9, 9))
+    assert found[(7, 9)] == 6 and found[(8, 6)] == 2 and found[(8, 10)] == 1

@@ -7,6 +7,7 @@ import torch
 
 from headcircuits import interventions, metrics, svd
 from headcircuits.tasks import colored_objects as co
+from headcircuits.tasks import ioi
 
 KEYS = ("WRONG_COLOR_0", "WRONG_COLOR_1")
 
@@ -260,3 +261,97 @@ def test_the_setting_is_chosen_on_one_half_and_reported_on_the_other(tiny):
     assert again.setting == result.setting and again.held_out.clean_text == result.held_out.clean_text
     with pytest.raises(ValueError, match="at least one setting"):
         interventions.choose_and_hold_out(data, run, [])
+
+
+def _out_proj(model, layer):
+    """The module that maps a layer's z to the residual stream, and whether its weight is stored [in, out]."""
+    hf = model.bridge.original_model
+    family = model.facts.family
+    if family == "gpt2":
+        return hf.transformer.h[layer].attn.c_proj, True
+    if family == "gpt-neox":
+        return hf.gpt_neox.layers[layer].attention.dense, False
+    return hf.model.layers[layer].self_attn.o_proj, False
+
+
+def test_the_papers_weight_edit_equals_editing_the_models_own_weights(tiny, co_data, weights_for):
+    """interventions.weight_edit (hooks) against the literal edit of the running model's W_O: the head's output
+    loses its zeroed components, its constant part (value biases, which the paper's model keeps in b_O) stays.
+    Random biases are put in for the test where the family has them, so that the constant part matters."""
+    data = co_data(tiny)
+    layer, head = 1, 1
+    module, stored_in_out = _out_proj(tiny, layer)
+    hf_norm = None
+    if tiny.facts.norm == "layernorm":
+        hf = tiny.bridge.original_model
+        hf_norm = (hf.transformer.h if tiny.facts.family == "gpt2" else hf.gpt_neox.layers)[layer]
+        hf_norm = hf_norm.ln_1 if tiny.facts.family == "gpt2" else hf_norm.input_layernorm
+    saved = {n: p.detach().clone() for n, p in module.named_parameters()}
+    saved_norm = hf_norm.bias.detach().clone() if hf_norm is not None else None
+    try:
+        with torch.no_grad():
+            if hf_norm is not None:
+                hf_norm.bias.copy_(torch.randn_like(hf_norm.bias) * 0.5)
+        w = svd.from_model(tiny)
+        edit = interventions.weight_edit(tiny, w, (layer, head), zero=[0, 3])
+        hooked = metrics.end_logits(tiny, data, hooks_for=lambda a, b: edit.hooks())
+        offset = svd.value_offsets(tiny)[layer, head]
+        dh = tiny.facts.d_head
+        with torch.no_grad():
+            W = module.weight.detach().float()
+            W_O = (W if stored_in_out else W.T)[head * dh:(head + 1) * dh].clone()  # raw [d_head, d_model]
+            P = edit.directions.T @ edit.directions  # projection on the zeroed written directions
+            new = W_O - W_O @ P
+            if stored_in_out:
+                module.weight[head * dh:(head + 1) * dh] = new.to(module.weight)
+            else:
+                module.weight[:, head * dh:(head + 1) * dh] = new.T.to(module.weight)
+            if offset.abs().max() > 0:
+                module.bias += (offset @ W_O @ P).to(module.bias)
+        literal = metrics.end_logits(tiny, data)
+        assert (hooked - literal).abs().max() < 1e-4
+    finally:
+        with torch.no_grad():
+            for n, p in module.named_parameters():
+                p.copy_(saved[n])
+            if hf_norm is not None:
+                hf_norm.bias.copy_(saved_norm)
+    base = metrics.end_logits(tiny, data)
+    nothing = interventions.weight_edit(tiny, svd.from_model(tiny), (layer, head), zero=[])
+    assert torch.equal(metrics.end_logits(tiny, data, hooks_for=lambda a, b: nothing.hooks()), base)
+    moved = metrics.end_logits(tiny, data, hooks_for=lambda a, b: edit.hooks())
+    assert (moved - base).abs().max() > 1e-3  # the edit does something
+
+
+def test_keep_only_keeps_one_component_and_zeroes_the_rest(tiny, weights_for):
+    w = weights_for(tiny)
+    kept = interventions.weight_edit(tiny, w, (1, 0), keep=[2])
+    assert kept.directions.shape[0] == tiny.facts.d_head - 1
+    svd_ = svd.head_svd(w.OV[1, 0])
+    assert torch.allclose(kept.directions, svd_.Vh[[k for k in range(tiny.facts.d_head) if k != 2]])
+
+
+def test_the_inhibition_score_is_attention_to_io_minus_attention_to_s1():
+    """The paper's inhibition score on a hand-built pattern: END's attention to IO minus its attention to S1."""
+    pattern = torch.zeros(3, 6, 6)
+    end = torch.tensor([5, 5, 4])
+    io, s1 = torch.tensor([1, 2, 1]), torch.tensor([2, 1, 3])
+    pattern[0, 5, 1], pattern[0, 5, 2] = 0.7, 0.1  # mostly IO: +0.6
+    pattern[1, 5, 2], pattern[1, 5, 1] = 0.9, 0.05  # IO is position 2 here: +0.85
+    pattern[2, 4, 3], pattern[2, 4, 1] = 0.8, 0.2  # mostly S1: -0.6
+    a = interventions.attention_at(pattern, end, [io, s1])
+    assert torch.allclose(a[:, 0] - a[:, 1], torch.tensor([0.6, 0.85, -0.6]))
+
+
+def test_inhibition_score_reads_the_movers_pattern_and_responds_to_forcing(tiny):
+    """On a model: the score equals the recorded pattern's IO minus S1 entries, and forcing the mover onto IO
+    (or S1) sends it to +1 (or -1)."""
+    data = ioi.generate(tiny, 8, seed=0)
+    mover = (2, 1)
+    score = interventions.inhibition_score(tiny, data, mover)
+    a = interventions.attention_per_prompt(tiny, data, mover, "END", ["IO", "S1"])
+    assert torch.allclose(score, a[:, 0] - a[:, 1])
+    for key, target in (("IO", 1.0), ("S1", -1.0)):
+        forced = interventions.ForcedAttention((mover,), (key,)).hooks_for(data)(0, len(data))
+        assert torch.allclose(interventions.inhibition_score(tiny, data, mover, forced), torch.full((8,), target))
+    assert list(data.meta.order[:4]) == ["ABBA", "BABA", "ABBA", "BABA"]  # the paper's 100 + 100 orders

@@ -153,8 +153,9 @@ def test_every_notebook_has_a_parameters_cell_and_no_outputs():
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path.name} has outputs"
 
 
-SMALL = {"n_prompts": 12, "seed": 1, "n_eval": 24, "n_paper": 60, "n_controls": 2, "n_score": 8, "n_fit": 8,
-         "n_per_position": 3, "n_fix": 2, "lengths": [2, 3, 5], "n_components": 4}
+SMALL = {"n_prompts": 12, "seed": 1, "n_eval": 24, "n_paper": 60, "n_controls": 2, "n_inhibition": 24,
+         "n_components": 4, "n_alphas": 3, "n_per_length": 6, "lengths": [3, 4, 8], "traverse_lengths": [3, 8],
+         "resolution": 3, "n_traverse": 4, "fix_lengths": [3, 8], "n_fix": 8}
 
 
 @pytest.mark.notebooks
@@ -191,13 +192,14 @@ def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     reuse_page = (html / "book" / "notebooks" / "04_circuit_reuse.html").read_text()
     assert "most of the Colored Objects circuit is the IOI circuit" in reuse_page and "layer-matched" in reuse_page
     channels_page = (html / "book" / "notebooks" / "05_inhibition_channels.html").read_text()
-    assert "positional subspace" in channels_page and "gemma-3-270m" in channels_page
+    assert "inhibition score" in channels_page and "gemma-3-270m" in channels_page
     list_page = (html / "book" / "notebooks" / "06_laundry_list.html").read_text()
-    assert f"{value('06_laundry_list', 'n_per_position')} prompts per cell" in list_page
-    assert "held-out accuracy" in list_page.lower()
+    assert f"{value('06_laundry_list', 'n_per_length')} prompts per N" in list_page
+    assert "the oracle fix" in list_page.lower() and "held out" in list_page
     intro = (html / "book" / "intro.html").read_text()
     for chapter_claim in ("IOI: the model ranks IO above S", "most of the Colored Objects circuit is the IOI circuit",
-                          "the IOI circuit has movers", "positions crowd in the channel"):
+                          "the IOI circuit has movers", "keeping only the channel components",
+                          "setting the subspace to the answer's region"):
         assert chapter_claim in intro, f"scorecard lacks {chapter_claim!r}"  # pasted from the executed chapters
     for page in html.rglob("*.html"):  # each script once: a repeated `const` declaration is a JavaScript error
         assert page.read_text().count("const THEBE_JS_URL") <= 1, page

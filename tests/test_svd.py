@@ -189,3 +189,77 @@ def test_component_signs_follow_one_convention_and_keep_the_product():
     torch.testing.assert_close(fixed_U @ torch.diag_embed(S) @ fixed_Vh, M, rtol=1e-4, atol=1e-4)
     index = fixed_Vh.abs().argmax(-1, keepdim=True)
     assert (fixed_Vh.gather(-1, index) > 0).all()
+
+
+def test_the_papers_weight_edit_removes_exactly_the_zeroed_components():
+    """Talking Heads §3: O = U sqrt(S'), V = sqrt(S') V^T with singular values set to 0. The product is the OV
+    circuit minus those rank-1 components, i.e. OV projected off their written directions; nothing zeroed, nothing
+    changes."""
+    w = _random_weights(L=2, H=2, d=32, dh=8, seed=3)
+    W_V, W_O = w.W_V[1, 0], w.W_O[1, 0]
+    OV = W_V @ W_O
+    U, S, Vh = torch.linalg.svd(OV)
+    for zero in ([], [0], [2, 5]):
+        new_V, new_O = svd.edit_ov(W_V, W_O, zero)
+        assert new_V.shape == W_V.shape and new_O.shape == W_O.shape
+        expected = OV - sum((S[k] * torch.outer(U[:, k], Vh[k]) for k in zero), torch.zeros_like(OV))
+        assert torch.allclose(new_V @ new_O, expected, atol=1e-4)
+        P = sum((torch.outer(Vh[k], Vh[k]) for k in zero), torch.zeros(32, 32))
+        assert torch.allclose(new_V @ new_O, OV @ (torch.eye(32) - P), atol=1e-4)
+    assert (torch.linalg.svdvals(svd.edit_ov(W_V, W_O, [0])[0] @ svd.edit_ov(W_V, W_O, [0])[1])[:7]
+            - S[1:8]).abs().max() < 1e-4  # the remaining spectrum is the old one without s_0
+    with pytest.raises(ValueError, match="between 0 and 7"):
+        svd.edit_ov(W_V, W_O, [8])
+
+
+def test_value_offsets_are_the_constant_part_of_the_values(tiny):
+    """On a LayerNorm model with biases the constant part of z is b_V + b_ln W_V: z of a head that attends to one
+    position minus that position's normalised input read through W_V (bias-free RMSNorm models: zero)."""
+    offsets = svd.value_offsets(tiny)
+    assert offsets.shape == (tiny.facts.n_layers, tiny.facts.n_heads, tiny.facts.d_head)
+    if tiny.facts.norm != "layernorm":
+        assert torch.count_nonzero(offsets) == 0
+        return
+    hf = tiny.bridge.original_model
+    blocks = hf.transformer.h if tiny.facts.family == "gpt2" else hf.gpt_neox.layers
+    norm = blocks[1].ln_1 if tiny.facts.family == "gpt2" else blocks[1].input_layernorm
+    saved = norm.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            norm.bias.copy_(torch.randn_like(norm.bias))
+        b_V = tiny.bridge.b_V[1].detach().float().cpu()
+        expected = b_V + torch.einsum("d,hde->he", norm.bias.detach().float().cpu(), tiny.bridge.W_V[1].detach().float().cpu())
+        assert torch.allclose(svd.value_offsets(tiny)[1], expected, atol=1e-6)
+        assert expected.abs().max() > 0.1
+    finally:
+        with torch.no_grad():
+            norm.bias.copy_(saved)
+
+
+def test_gpt2_the_papers_channel_components_are_where_the_paper_says(gpt2):
+    """Talking Heads §3 on GPT-2 small's real weights: the component of each inhibition head that composes most
+    with name mover 9.9's queries is 7.9.6, 8.6.2 and 8.10.1 (printed "8.6.10" in the paper); 8.6.2 stands far
+    above 8.6's other 63 components (the paper: about 5 standard deviations; here 6.8); the duplicate-token head
+    3.0 writes through 3.0.1 and 3.0.2 into 7.9.6's values; and the previous-token -> induction key composition
+    (4.11 -> 5.5) has no outlier component."""
+    top = {s: int(svd.component_scores(gpt2, s, (9, 9), "Q").argmax()) for s in [(7, 9), (8, 6), (8, 10)]}
+    assert top == {(7, 9): 6, (8, 6): 2, (8, 10): 1}
+    assert svd.standout(svd.component_scores(gpt2, (8, 6), (9, 9), "Q"), 2) > 5
+    into = svd.component_to_component(gpt2, (3, 0), (7, 9), 6, "V")
+    assert set(into.topk(2).indices.tolist()) == {1, 2}
+    assert svd.standout(into, 1) > 4 and svd.standout(into, 2) > 4
+    keys = svd.component_scores(gpt2, (4, 11), (5, 5), "K")
+    assert max(svd.standout(keys, k) for k in range(len(keys))) < 2.5
+
+
+def test_component_to_component_is_the_composition_score_of_two_rank_one_matrices():
+    w = _random_weights(L=3, H=2, d=24, dh=6, seed=5)
+    sender, receiver, c = (0, 1), (2, 0), 3
+    S_s, R = svd.head_svd(w.OV[0, 1]), svd.head_svd(w.OV[2, 0])
+    scores = svd.component_to_component(w, sender, receiver, c, "V")
+    for k in range(6):
+        W1 = S_s.S[k] * torch.outer(S_s.U[:, k], S_s.Vh[k])
+        W2 = R.S[c] * torch.outer(R.U[:, c], R.Vh[c])
+        dense = torch.linalg.matrix_norm(W1 @ W2) / (torch.linalg.matrix_norm(W1) * torch.linalg.matrix_norm(W2))
+        assert abs(float(dense) - float(scores[k])) < 1e-5
+    assert abs(svd.standout(torch.tensor([0.0, 1.0, 0.0, 2.0, 10.0]), 4) - (10 - 0.75) / torch.tensor([0.0, 1, 0, 2]).std()) < 1e-5

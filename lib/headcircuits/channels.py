@@ -58,6 +58,7 @@ class Channel:
     singular_values: Float[Tensor, "head k"]
     axes: Float[Tensor, "rank coef"] | None = None
     center: Float[Tensor, " coef"] | None = None
+    offsets: Float[Tensor, "head d_head"] | None = None  # constant part of each head's z (svd.value_offsets)
 
     @classmethod
     def of(cls, weights, heads, per_head: int = 8) -> "Channel":
@@ -78,6 +79,37 @@ class Channel:
         return cls(heads=heads, components=tuple(tuple(range(per_head)) for _ in heads),
                    directions=torch.stack(dirs), W_O=torch.stack([weights.W_O[l, h] for l, h in heads]),
                    singular_values=torch.stack(svals))
+
+    @classmethod
+    def pick(cls, weights, components: dict, offsets=None) -> "Channel":
+        """Chosen components of chosen heads, ``{head: [component, ...]}`` (the same number per head), e.g. the
+        paper's 3-D subspace ``{(7, 9): [6], (8, 6): [2], (8, 10): [1]}``. ``offsets``: the model's
+        :func:`headcircuits.svd.value_offsets`, so that coordinates leave the heads' constant part out."""
+        from headcircuits.svd import head_svd
+
+        if not components:
+            raise ValueError("pick at least one component of one head, e.g. {(8, 10): [1]}")
+        sizes = {len(c) for c in components.values()}
+        if len(sizes) != 1 or 0 in sizes:
+            raise ValueError(f"give every head the same (non-zero) number of components, not {sizes}")
+        d_head = weights.W_O.shape[-2]
+        heads = tuple(tuple(h) for h in components)
+        dirs, svals = [], []
+        for head, comps in components.items():
+            if not all(0 <= k < d_head for k in comps):
+                raise ValueError(f"components of {head} must be between 0 and {d_head - 1}, not {list(comps)}")
+            svd = head_svd(weights.OV[head[0], head[1]])
+            index = torch.as_tensor(list(comps), dtype=torch.long)
+            dirs.append(svd.Vh[index])
+            svals.append(svd.S[index])
+        return cls(heads=heads, components=tuple(tuple(int(k) for k in c) for c in components.values()),
+                   directions=torch.stack(dirs), W_O=torch.stack([weights.W_O[l, h] for l, h in heads]),
+                   singular_values=torch.stack(svals),
+                   offsets=None if offsets is None else torch.stack([offsets[l, h] for l, h in heads]))
+
+    def back(self) -> Float[Tensor, "head k d_head"]:
+        """``back[h, k] @ W_O[h] == directions[h, k]``: the z that writes exactly one unit along a component."""
+        return torch.stack([self.directions[i] @ torch.linalg.pinv(self.W_O[i]) for i in range(len(self.heads))])
 
     @property
     def per_head(self) -> int:
@@ -109,7 +141,8 @@ class Channel:
             # extra hooks first: an intervention on a head's z is seen by the recorder on the same hook point
             model.bridge.run_with_hooks(batch.ids, fwd_hooks=[*(hooks or []), *record_hooks],
                                         stop_at_layer=layers[-1] + 1)
-            per_head = [batch.gather(seen[l], position)[:, h].float().cpu() @ self.W_O[i] @ self.directions[i].T
+            per_head = [(batch.gather(seen[l], position)[:, h].float().cpu()
+                         - (0 if self.offsets is None else self.offsets[i])) @ self.W_O[i] @ self.directions[i].T
                         for i, (l, h) in enumerate(self.heads)]
             out.append(torch.cat(per_head, dim=-1))
         return torch.cat(out)
@@ -221,6 +254,212 @@ class ChannelShift:
         return hooks
 
 
+@dataclass(frozen=True)
+class ChannelReplacement:
+    """Talking Heads' intervention (§4): *replace* each channel head's output at ``position`` by its components'
+    directions times ``values`` (``[head * k]``, or one row per prompt ``[batch, head * k]``): head h writes
+    ``sum_k values[h, k] Vh_h[k]`` there, whatever it attended to (the paper: α times one component's direction).
+    The head's constant part (``Channel.offsets``, the value biases the paper's model keeps in ``b_O``) stays.
+    ``mode="set"`` (ours) changes only the chosen coordinates and keeps the rest of what the head wrote. Every
+    other position, head and layer runs as usual; everything downstream is recomputed."""
+
+    channel: Channel
+    values: Float[Tensor, "... coef"]
+    position: str = "END"
+    mode: str = "replace"
+
+    def __post_init__(self):
+        if self.mode not in ("replace", "set"):
+            raise ValueError(f"mode must be 'replace' (the paper's) or 'set', not {self.mode!r}")
+
+    def _parts(self):
+        ch = self.channel
+        back = ch.back()  # [head, k, d_head]
+        read = torch.stack([ch.W_O[i] @ ch.directions[i].T for i in range(len(ch.heads))])  # [head, d_head, k]
+        offsets = ch.offsets if ch.offsets is not None else torch.zeros(len(ch.heads), back.shape[-1])
+        return back, read, offsets
+
+    def apply(self, z: Tensor, values: Tensor, index: int, parts=None) -> Tensor:
+        """Channel head ``index``'s new ``z`` ([rows, d_head]) at the position, given its ``values`` ([rows, k])."""
+        back, read, offsets = parts or self._parts()
+        written = values.to(z) @ back[index].to(z)
+        if self.mode == "replace":
+            return written + offsets[index].to(z)
+        now = (z - offsets[index].to(z)) @ read[index].to(z)  # the chosen components' current coordinates
+        return z + written - now @ back[index].to(z)
+
+    def hooks_for(self, data: TaskData):
+        """A :data:`headcircuits.metrics.HooksFor` for batched runs over ``data``."""
+        ch = self.channel
+        values = torch.as_tensor(self.values, dtype=torch.float32).reshape(-1, len(ch.heads), ch.per_head)
+        if values.shape[0] not in (1, len(data)):
+            raise ValueError(f"values has {values.shape[0]} rows; give one, or one per prompt ({len(data)})")
+        parts = self._parts()
+        by_layer: dict[int, list[int]] = {}
+        for i, (layer, _) in enumerate(ch.heads):
+            by_layer.setdefault(layer, []).append(i)
+        positions = data.at(self.position)
+
+        def hooks(start: int, stop: int) -> list:
+            v = values if values.shape[0] == 1 else values[start:stop]
+            pos = positions[start:stop]
+
+            def replace_z(z, hook, indices):
+                z = z.clone()
+                rows, p = torch.arange(stop - start, device=z.device), pos.to(z.device)
+                for i in indices:
+                    head = ch.heads[i][1]
+                    z[rows, p, head] = self.apply(z[rows, p, head], v[:, i].expand(len(rows), -1), i, parts)
+                return z
+
+            return [(f"blocks.{layer}.attn.hook_z", lambda z, hook, ix=ix: replace_z(z, hook, ix))
+                    for layer, ix in sorted(by_layer.items())]
+
+        return hooks
+
+
+# --- the traversal of Talking Heads §5.2: only END changes, so only END is recomputed ------------------------------
+
+class _Prefix:
+    """A key/value cache of a prompt's tokens before END, per layer, read but never extended: every grid point
+    reuses it (duck-typed on the one method HuggingFace's attention calls)."""
+
+    def __init__(self, kv: dict[int, tuple[Tensor, Tensor]], length: int):
+        self.kv, self.length = kv, length
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.kv[layer_idx]
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+
+class _Stop(Exception):
+    """Raised by the mover's pattern hook: nothing above it is needed."""
+
+
+def _blocks(model: Model):
+    hf = model.bridge.original_model
+    family = model.facts.family
+    if family == "gpt2":
+        return hf.transformer, hf.transformer.h
+    if family == "gpt-neox":
+        return hf.gpt_neox, hf.gpt_neox.layers
+    return hf.model, hf.model.layers
+
+
+def _end_step(model: Model, h: Tensor, layers, cache: _Prefix, position: int) -> Tensor:
+    """The END token's residual ``h`` ([rows, 1, d_model]) through ``layers`` (the model's own blocks, hooks and
+    all), attending to the cached earlier tokens, at sequence position ``position``."""
+    base, blocks = _blocks(model)
+    family = model.facts.family
+    ids = torch.full((h.shape[0], 1), position, dtype=torch.long, device=h.device)
+    for layer in layers:
+        block = blocks[layer]
+        if family == "gpt2":
+            out = block(h, cache, attention_mask=None, use_cache=True, position_ids=ids)
+        else:
+            if family == "gemma3":
+                rotary = base.rotary_emb(h, ids, base.config.layer_types[layer])
+            else:
+                rotary = base.rotary_emb(h, position_ids=ids)
+            out = block(h, attention_mask=None, position_embeddings=rotary, position_ids=ids, past_key_values=cache,
+                        use_cache=True)
+        h = out[0] if isinstance(out, tuple) else out
+    return h
+
+
+@torch.no_grad()
+def traverse(
+    model: Model, data: TaskData, channel: Channel, points: Float[Tensor, "point coef"], mover: Head, keys: list[str],
+    *, position: str = "END", rows_per_run: int = 2048, mode: str = "replace", progress: bool = True,
+) -> Float[Tensor, "point batch key"]:
+    """Talking Heads' traversal (§5.2, App. K): for every point of ``points`` (values of the channel's components,
+    e.g. a grid over the 3-D subspace), replace the channel heads' outputs at END by the point
+    (:class:`ChannelReplacement`) and read ``mover``'s attention from END to each of ``keys`` (e.g. ``ITEM_0`` ...
+    ``ITEM_{N-1}``), on every prompt.
+
+    Exact, and fast: the intervention touches END only, so every earlier token's keys and values are the same at
+    every point. Each prompt is run once (its cache of keys and values, and END's residual stream below the
+    lowest channel layer); then, per point, END alone goes through the layers from the lowest channel head's to the
+    mover's, on the model's own blocks (tested equal to the plain hooked forward pass on every tiny family). The
+    paper reports about 12 hours per dataset on an RTX 3090 for its sweep. ``mode``: as :class:`ChannelReplacement`.
+    """
+    from headcircuits.progress import tqdm
+
+    points = torch.as_tensor(points, dtype=torch.float32).reshape(-1, len(channel.heads) * channel.per_head)
+    first = min(l for l, _ in channel.heads)
+    if mover[0] < first:
+        raise ValueError(f"the mover {mover} sits below the channel's lowest layer ({first}): nothing to traverse")
+    if position != "END":
+        raise ValueError("the traversal recomputes END only: position must be 'END'")
+    window = getattr(_blocks(model)[0].config, "sliding_window", None)
+    if window and model.facts.family == "gemma3" and int(data.clean.lengths.max()) > window:
+        raise ValueError(f"prompts longer than the sliding window ({window}) are not supported by the traversal")
+    replacement = ChannelReplacement(channel, points[:1], position, mode)
+    parts = replacement._parts()
+    by_layer: dict[int, list[int]] = {}
+    for i, (layer, _) in enumerate(channel.heads):
+        by_layer.setdefault(layer, []).append(i)
+    layers = range(first, mover[0] + 1)
+    out = torch.zeros(len(points), len(data), len(keys))
+    key_pos = torch.stack([data.at(k) for k in keys], dim=1)  # [batch, key], validated
+    lengths = data.clean.lengths
+    groups = [(int(t), (lengths == t).nonzero().flatten()) for t in lengths.unique().tolist()]
+    device = model.device
+    bar = tqdm(total=len(points) * len(data), desc="traversal", disable=not progress, unit="prompt")
+    for length, index in groups:
+        ids = data.clean.ids[index, :length].to(device)
+        if not bool((data.at("END")[index] == length - 1).all()):
+            raise ValueError("END must be each prompt's last token")
+        seen: dict[str, Tensor] = {}
+
+        def record(x, hook):
+            seen["h"] = x[:, -1:].detach().clone()
+            return x
+
+        model.bridge.run_with_hooks(ids, fwd_hooks=[(f"blocks.{first}.hook_resid_pre", record)],
+                                    stop_at_layer=first + 1)
+        _, hf_cache = model.bridge(ids[:, :-1], return_type="logits_and_cache")
+        prefix = {l: (hf_cache.layers[l].keys, hf_cache.layers[l].values) for l in layers}
+        n = len(index)
+        per_run = max(1, rows_per_run // n)
+        for start in range(0, len(points), per_run):
+            chunk = points[start:start + per_run].reshape(-1, len(channel.heads), channel.per_head)
+            p = len(chunk)
+            values = chunk.repeat_interleave(n, dim=0).to(device)  # row = point * n + prompt
+            cache = _Prefix({l: (k.repeat(p, 1, 1, 1), v.repeat(p, 1, 1, 1)) for l, (k, v) in prefix.items()},
+                            length - 1)
+            pattern: dict[str, Tensor] = {}
+
+            def replace_z(z, hook, indices):
+                z = z.clone()
+                for i in indices:
+                    head = channel.heads[i][1]
+                    z[:, 0, head] = replacement.apply(z[:, 0, head], values[:, i], i, parts)
+                return z
+
+            def read(pat, hook):
+                pattern["p"] = pat[:, mover[1], 0].detach()
+                raise _Stop
+
+            hooks = [(f"blocks.{layer}.attn.hook_z", lambda z, hook, ix=ix: replace_z(z, hook, ix))
+                     for layer, ix in sorted(by_layer.items())]
+            hooks.append((f"blocks.{mover[0]}.attn.hook_pattern", read))
+            try:
+                with model.bridge.hooks(fwd_hooks=hooks):
+                    _end_step(model, seen["h"].repeat(p, 1, 1), layers, cache, length - 1)
+            except _Stop:
+                pass
+            att = pattern["p"].float().reshape(p, n, -1)  # [point, prompt, key position]
+            pos = key_pos[index].to(att.device)[None].expand(p, -1, -1)
+            out[start:start + p, index] = att.gather(2, pos).cpu()
+            bar.update(p * n)
+    bar.close()
+    return out
+
+
 def class_means(coefficients: Float[Tensor, "batch coef"], labels) -> dict[int, Tensor]:
     """Mean coefficient vector of each label (e.g. each answer position)."""
     labels = torch.as_tensor(list(labels))
@@ -290,3 +529,129 @@ def fit_positional(
     channel = Channel.of(weights, heads, per_head=per_head)
     return channel.fit(channel.coefficients(model, fit), fit.meta.target_position, rank=rank,
                        groups=fit.meta.list_length)
+
+
+# --- Talking Heads as the paper ran it: the mover, the channel components, the 3-D subspace, regions -----------
+
+def choose_mover(model: Model, data: TaskData, movers) -> Head:
+    """The mover whose inhibition is measured (the paper's 9.9 on GPT-2 small): among ``movers``, the one that
+    attends most from END to the indirect object on ``data`` (IOI prompts; our rule, the same on every model).
+    Cached on disk."""
+    from headcircuits.cache import cached
+    from headcircuits.interventions import attention_per_prompt
+
+    movers = [tuple(m) for m in movers]
+    if not movers:
+        raise ValueError("no mover to choose from: the IOI circuit of this model has no mover")
+
+    def compute():
+        return [float(attention_per_prompt(model, data, m, "END", ["IO"]).mean()) for m in movers]
+
+    to_io = cached("choose_mover", {"model": model, "data": data, "movers": movers}, compute)
+    return movers[int(torch.tensor(to_io).argmax())]
+
+
+def channel_components(weights, heads, mover: Head) -> dict[Head, int]:
+    """Each head's *channel* component (Talking Heads §3): the rank-1 OV component whose written direction the
+    mover's queries read most (:func:`headcircuits.svd.component_scores`, Q-composition), e.g. 8.10.1 for 9.9."""
+    from headcircuits.svd import component_scores
+
+    return {tuple(h): int(component_scores(weights, tuple(h), mover, "Q").argmax()) for h in heads if h[0] < mover[0]}
+
+
+def channel_effects(
+    model: Model, data: TaskData, weights, components: dict, mover: Head, offsets=None,
+) -> dict[Head, Tensor]:
+    """Per head, each prompt's change in the mover's :func:`~headcircuits.interventions.inhibition_score` when the
+    head's channel component is set to 0 in the weights (:func:`~headcircuits.interventions.weight_edit`); negative:
+    the component carries inhibition. Cached on disk (keyed by the model, the prompts, the weights and the heads)."""
+    from headcircuits.cache import cached
+    from headcircuits.interventions import inhibition_score, weight_edit
+    from headcircuits.svd import value_offsets
+
+    offsets = value_offsets(model) if offsets is None else offsets
+    heads = [tuple(h) for h in components]
+
+    def compute():
+        base = inhibition_score(model, data, mover)
+        return [inhibition_score(model, data, mover, weight_edit(model, weights, head, zero=[components[head]],
+                                                                  offsets=offsets).hooks()) - base for head in heads]
+
+    key = {"model": model, "data": data, "weights": weights, "offsets": offsets, "mover": tuple(mover),
+           "components": [[list(h), int(components[h])] for h in heads]}
+    return dict(zip(heads, cached("channel_effects", key, compute)))
+
+
+def paper_subspace(weights, components: dict, effects: dict, size: int = 3, offsets=None) -> Channel:
+    """The positional subspace as the paper builds it (§5.2): the channel components of the ``size`` heads whose
+    removal moves the inhibition score most (the paper: 7.9.6, 8.6.2, 8.10.1; 7.3.1 changes it least and is left
+    out). A model with fewer inhibition heads gives a subspace of fewer dimensions (said by the caller)."""
+    ranked = sorted(components, key=lambda h: float(effects[h].mean()))  # most negative change first
+    return Channel.pick(weights, {h: [components[h]] for h in ranked[:size]}, offsets=offsets)
+
+
+def grid(coordinates: Float[Tensor, "batch coef"], resolution: int = 10, margin: float = 0.5) -> Float[Tensor, "point coef"]:
+    """A regular grid over the channel's coordinates (our choice; the paper's range is not stated): per axis,
+    ``resolution`` points from the smallest to the largest coordinate observed on the prompts, widened by
+    ``margin`` times that range on each side. Points are ordered as ``torch.cartesian_prod`` (last axis fastest)."""
+    if resolution < 2:
+        raise ValueError(f"a grid needs at least 2 points per axis, not {resolution}")
+    low, high = coordinates.min(0).values, coordinates.max(0).values
+    pad = (high - low) * margin
+    axes = [torch.linspace(float(a), float(b), resolution) for a, b in zip(low - pad, high + pad)]
+    return torch.cartesian_prod(*axes).reshape(-1, len(axes))
+
+
+def regions(attention: Float[Tensor, "point batch key"]) -> Tensor:
+    """The paper's colouring of a traversal: per grid point, the list index the mover attends to most *on average*
+    over the prompts."""
+    return attention.mean(1).argmax(-1)
+
+
+def centroids(points: Float[Tensor, "point coef"], labels: Tensor, n: int, attention=None) -> dict[int, Tensor]:
+    """The point of each index's region the oracle fix sets (our choice; the paper does not say): the centroid of
+    the grid points labelled with that index. An index without a region gets, with ``attention`` given, the grid
+    point whose mean attention to it is highest (ours), else no point."""
+    out = {}
+    for index in range(n):
+        members = points[labels == index]
+        if len(members):
+            out[index] = members.mean(0)
+        elif attention is not None:
+            out[index] = points[int(attention.mean(1)[:, index].argmax())]
+    return out
+
+
+def pieces(labels: Tensor, shape: tuple[int, ...]) -> dict[int, int]:
+    """How many connected pieces each index's region has on the grid (cells sharing a face are connected): 1 is a
+    single region, more is a region that fractured (the paper: from about 9-10 items)."""
+    grid_labels = labels.reshape(shape).tolist()
+    import itertools
+
+    cells = list(itertools.product(*(range(s) for s in shape)))
+    seen, count = set(), {}
+
+    def value(cell):
+        v = grid_labels
+        for i in cell:
+            v = v[i]
+        return v
+
+    for cell in cells:
+        if cell in seen:
+            continue
+        label = value(cell)
+        count[label] = count.get(label, 0) + 1
+        stack = [cell]
+        seen.add(cell)
+        while stack:
+            current = stack.pop()
+            for axis in range(len(shape)):
+                for step in (-1, 1):
+                    nxt = list(current)
+                    nxt[axis] += step
+                    nxt = tuple(nxt)
+                    if 0 <= nxt[axis] < shape[axis] and nxt not in seen and value(nxt) == label:
+                        seen.add(nxt)
+                        stack.append(nxt)
+    return count

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from headcircuits import metrics
 from headcircuits.models.core import Head, Model
+from headcircuits.svd import value_offsets
 from headcircuits.tasks.base import TaskData
 
 
@@ -210,17 +211,19 @@ class ComponentAblation:
     directions: Float[Tensor, "k d_model"]  # orthonormal rows: the written directions to rescale
     W_O: Float[Tensor, "d_head d_model"]  # the (processed) W_O the directions belong to
     scale: float = 0.0
+    offset: Float[Tensor, " d_head"] | None = None  # a constant part of z left untouched (see weight_edit)
 
     @classmethod
-    def of(cls, weights, sender: Head, components, scale: float = 0.0) -> "ComponentAblation":
+    def of(cls, weights, sender: Head, components, scale: float = 0.0, offset=None) -> "ComponentAblation":
         """Ablation (or, with ``scale``, rescaling) of ``components`` (indices, by decreasing singular value) of
-        ``sender``'s OV in ``weights`` (a :class:`headcircuits.svd.HeadWeights`)."""
+        ``sender``'s OV in ``weights`` (a :class:`headcircuits.svd.HeadWeights`); ``offset``: a constant part of
+        the head's ``z`` (its value biases) to leave untouched."""
         from headcircuits.svd import head_svd
 
         layer, head = sender
         svd = head_svd(weights.OV[layer, head])
         index = torch.as_tensor(list(components), dtype=torch.long)
-        return cls(layer, head, svd.Vh[index], weights.W_O[layer, head], scale)
+        return cls(layer, head, svd.Vh[index], weights.W_O[layer, head], scale, offset)
 
     def _maps(self) -> tuple[Tensor, Tensor]:
         read = self.W_O @ self.directions.T  # [d_head, k]: z . read[:, j] = out . direction_j
@@ -238,10 +241,13 @@ class ComponentAblation:
         read, back = self._maps()
         factor = 1 - self.scale
 
+        offset = None if self.offset is None else self.offset
+
         def ablate(z, hook):
             z = z.clone()
             zh = z[..., self.head, :]
-            z[..., self.head, :] = zh - factor * (zh @ read.to(z)) @ back.to(z)
+            varying = zh if offset is None else zh - offset.to(z)
+            z[..., self.head, :] = zh - factor * (varying @ read.to(z)) @ back.to(z)
             return z
 
         return [(f"blocks.{self.layer}.attn.hook_z", ablate)]
@@ -252,37 +258,83 @@ def edit_hooks(edits: list[ComponentAblation]) -> list:
     return [hook for edit in edits for hook in edit.hooks()]
 
 
+def attention_at(
+    pattern: Float[Tensor, "batch query key"], query: Tensor, keys: list[Tensor],
+) -> Float[Tensor, "batch n_keys"]:
+    """One head's attention from each prompt's ``query`` position to each of its ``keys`` positions."""
+    rows = torch.arange(pattern.shape[0], device=pattern.device)
+    q = query.to(pattern.device)
+    return torch.stack([pattern[rows, q, k.to(pattern.device)] for k in keys], dim=-1)
+
+
 @torch.no_grad()
+def attention_per_prompt(
+    model: Model, data: TaskData, head: Head, query: str, keys: list[str], hooks: list | None = None,
+    batch_size: int = 64,
+) -> Float[Tensor, "batch n_keys"]:
+    """``head``'s attention from ``query`` to each of ``keys``, per prompt (with ``hooks``, e.g. a weight edit, in
+    the same run; the run stops after the head's layer)."""
+    layer, index = head
+    seen: dict[str, Tensor] = {}
+
+    def record(pattern, hook):
+        seen["p"] = pattern[:, index].detach().clone()
+        return pattern
+
+    out = []
+    for batch in data.batches(batch_size, device=model.device):
+        model.bridge.run_with_hooks(batch.ids, fwd_hooks=[*(hooks or []), (f"blocks.{layer}.attn.hook_pattern", record)],
+                                    stop_at_layer=layer + 1)
+        out.append(attention_at(seen["p"], batch.at(query), [batch.at(k) for k in keys]).float().cpu())
+    return torch.cat(out)
+
+
 def attention_contrast(
     model: Model, data: TaskData, receiver: Head, repeated: str = "S2", answer: str = "IO", query: str = "END",
     hooks: list | None = None,
 ) -> Float[Tensor, " batch"]:
     """The receiver's attention from ``query`` to the ``repeated`` token minus its attention to the ``answer``
     token, per prompt (IOI movers: negative when they attend to IO rather than S2)."""
-    layer, head = receiver
-    seen = {}
+    a = attention_per_prompt(model, data, receiver, query, [repeated, answer], hooks)
+    return a[:, 0] - a[:, 1]
 
-    def record(pattern, hook):
-        seen["p"] = pattern[:, head].detach().clone()
-        return pattern
 
-    out = []
-    for batch in data.batches(len(data), device=model.device):
-        model.bridge.run_with_hooks(batch.ids, fwd_hooks=[*(hooks or []), (f"blocks.{layer}.attn.hook_pattern", record)],
-                                    stop_at_layer=layer + 1)
-        p, rows, q = seen["p"], batch.rows, batch.at(query)
-        out.append((p[rows, q, batch.at(repeated)] - p[rows, q, batch.at(answer)]).cpu())
-    return torch.cat(out)
+def inhibition_score(
+    model: Model, data: TaskData, mover: Head, hooks: list | None = None, *, io: str = "IO", s1: str = "S1",
+    query: str = "END",
+) -> Float[Tensor, " batch"]:
+    """Talking Heads' inhibition score (§3), per prompt: the mover's attention at END to the indirect object
+    minus its attention to the *first* subject mention S1. From -1 (all on S1) to +1 (all on IO); a mover that
+    is told which name to avoid scores high. The paper reads it for mover 9.9 of GPT-2 small on 200 IOI prompts,
+    100 with IO first and 100 with S first (:func:`headcircuits.tasks.ioi.generate` alternates the two orders)."""
+    a = attention_per_prompt(model, data, mover, query, [io, s1], hooks)
+    return a[:, 0] - a[:, 1]
+
+
+def weight_edit(model: Model, weights, head: Head, *, zero=(), keep=None, offsets=None) -> ComponentAblation:
+    """Talking Heads' weight edit of one head's OV (§3, :func:`headcircuits.svd.edit_ov`), as forward hooks on the
+    running model: the singular values ``zero`` are set to 0, or with ``keep`` every singular value except those
+    (the keep-only ablations of the paper's Fig. 10). Exactly the paper's edit: what the head computes from its
+    input loses those components; the constant part of its values (``b_V`` and the LayerNorm bias through W_V,
+    folded into ``b_O`` in the paper's TransformerLens model; :func:`headcircuits.svd.value_offsets`) is left as it
+    is. ``offsets``: precomputed ``value_offsets(model)``."""
+    d_head = weights.W_V.shape[-1]
+    if keep is not None:
+        keep = {int(k) for k in keep}
+        zero = [k for k in range(d_head) if k not in keep]
+    offsets = value_offsets(model) if offsets is None else offsets
+    return ComponentAblation.of(weights, head, list(zero), scale=0.0, offset=offsets[head[0], head[1]])
 
 
 def inhibition_scores(
     model: Model, data: TaskData, weights, sender: Head, receiver: Head, components=None,
     repeated: str = "S2", answer: str = "IO",
 ) -> Float[Tensor, " component"]:
-    """Talking Heads' data-based inhibition score of each SVD component of ``sender``'s OV on ``receiver``: how
-    much ablating the component raises the receiver's attention to the repeated token relative to the answer
-    at END (mean over prompts of the change in ``attention_contrast``). Positive: the component makes the
-    receiver look away from the repeated token, i.e. it inhibits it. ``components`` default: all d_head."""
+    """*Our* data-based score of each SVD component of ``sender``'s OV on ``receiver`` (kept from before the
+    paper's protocol was known): how much ablating the component raises the receiver's attention to the repeated
+    token relative to the answer at END (mean change of ``attention_contrast``). Positive: the component makes
+    the receiver look away from the repeated token. The paper's own score is :func:`inhibition_score` under
+    :func:`weight_edit` (see :func:`component_effects`). ``components`` default: all d_head."""
     base = attention_contrast(model, data, receiver, repeated, answer).mean()
     if components is None:
         components = range(weights.W_V.shape[-1])
@@ -291,6 +343,29 @@ def inhibition_scores(
         ablation = ComponentAblation.of(weights, sender, [k])
         out.append(attention_contrast(model, data, receiver, repeated, answer, hooks=ablation.hooks()).mean() - base)
     return torch.stack(out)
+
+
+def component_effects(
+    model: Model, data: TaskData, weights, sender: Head, mover: Head, components=None, *, offsets=None,
+) -> Float[Tensor, " component"]:
+    """The paper's Fig. 2 (data side): for each component of ``sender``'s OV, the change in the mean
+    :func:`inhibition_score` of ``mover`` when that one singular value is set to 0 in the weights
+    (:func:`weight_edit`). Negative: the component carries inhibition (removing it lowers the score). Cached on
+    disk (keyed by the model, the prompts, the weights, the heads and the components)."""
+    from headcircuits.cache import cached
+
+    offsets = value_offsets(model) if offsets is None else offsets
+    components = list(range(weights.W_V.shape[-1]) if components is None else components)
+
+    def compute():
+        base = inhibition_score(model, data, mover).mean()
+        return torch.stack([
+            inhibition_score(model, data, mover, weight_edit(model, weights, sender, zero=[k], offsets=offsets).hooks()).mean()
+            - base for k in components])
+
+    key = {"model": model, "data": data, "weights": weights, "offsets": offsets, "sender": list(sender),
+           "mover": list(mover), "components": [int(k) for k in components]}
+    return cached("component_effects", key, compute)
 
 
 # --- choosing an intervention's setting on one half of the prompts, reporting it on the other ----------------------

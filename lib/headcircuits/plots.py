@@ -149,3 +149,35 @@ def circuit_map(
     ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
     return fig
+
+
+def region_map(points: Float[Tensor, "point dim"], labels: Sequence[int], n: int, ax=None, *, title: str = "",
+               axis_labels: Sequence[str] = ()):
+    """A traversal's regions (Talking Heads Fig. 5, middle): every grid point coloured by the list index the mover
+    attends to most; one colour per index (0 = first item) on every map. 3-D grids are drawn as a 3-D scatter, 2-D
+    as a scatter, 1-D as a strip. ``ax`` must be a 3-D axis for 3-D points (``projection="3d"``)."""
+    import numpy as np
+
+    pts = np.asarray(points, dtype=float)
+    lab = np.asarray(labels, dtype=int)
+    palette = sns.color_palette("viridis", n)
+    colours = [palette[i] for i in lab]
+    dim = pts.shape[1]
+    if ax is None:
+        fig = plt.figure(figsize=(3.2, 3.2))
+        ax = fig.add_subplot(projection="3d" if dim == 3 else None)
+    if dim == 3:
+        ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], c=colours, s=6, depthshade=False)
+    elif dim == 2:
+        ax.scatter(pts[:, 0], pts[:, 1], c=colours, s=18, marker="s")
+    elif dim == 1:
+        ax.scatter(pts[:, 0], np.zeros(len(pts)), c=colours, s=30, marker="s")
+        ax.set_yticks([])
+    else:
+        raise ValueError(f"a region map draws 1 to 3 dimensions, not {dim}")
+    for setter, label in zip((ax.set_xlabel, ax.set_ylabel, getattr(ax, "set_zlabel", None)), axis_labels):
+        if setter is not None:
+            setter(label, fontsize=6)
+    ax.tick_params(labelsize=5)
+    ax.set_title(title, fontsize=8)
+    return ax

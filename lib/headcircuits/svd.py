@@ -122,6 +122,30 @@ def from_model(model: Model, *, fold_norm: bool = True, center: bool | None = No
     return HeadWeights(*parts, description=notes)
 
 
+def value_offsets(model: Model) -> Float[Tensor, "layer head d_head"]:
+    """The constant part of every head's value vectors: ``b_V + b_ln W_V`` (the value bias and the pre-attention
+    LayerNorm's bias read through W_V). Attention weights sum to one, so this part reaches the head's output
+    whatever it attends to; TransformerLens' processed models (the Talking Heads paper's) fold it into ``b_O``,
+    which is why an edit of a head's OV circuit leaves it alone. Zero on the bias-free RMSNorm models."""
+    facts = model.facts
+    out = torch.zeros(facts.n_layers, facts.n_heads, facts.d_head)
+    if facts.norm != "layernorm":
+        return out
+    b, hf = model.bridge, model.bridge.original_model
+    with torch.no_grad():
+        W_V = b.W_V.detach().float().cpu()
+        try:
+            out += b.b_V.detach().float().cpu()
+        except AttributeError:  # a checkpoint without value biases
+            pass
+        blocks = hf.transformer.h if facts.family == "gpt2" else hf.gpt_neox.layers
+        norms = [blk.ln_1 if facts.family == "gpt2" else blk.input_layernorm for blk in blocks]
+        for layer, norm in enumerate(norms):
+            if getattr(norm, "bias", None) is not None:
+                out[layer] += torch.einsum("d,hde->he", norm.bias.detach().float().cpu(), W_V[layer])
+    return out
+
+
 def find_gpt2_small_attention(path: str | Path | None = None) -> Path | None:
     """Where GPT-2 small's attention weights are, if anywhere: ``path`` if given, else ``$HEADCIRCUITS_GPT2_ATTENTION``,
     else a developer checkout's ``../shared/gpt2-small-attention``. ``None`` when none of them exists (readers of
@@ -186,6 +210,22 @@ def head_svd(circuit: FactoredMatrix) -> HeadSVD:
     U, S, V = circuit.svd()
     U, Vh = fix_signs(U, V.transpose(-1, -2))
     return HeadSVD(U=U, S=S, Vh=Vh)
+
+
+def edit_ov(W_V: Float[Tensor, "d_model d_head"], W_O: Float[Tensor, "d_head d_model"], zero) -> tuple[Tensor, Tensor]:
+    """Talking Heads' weight edit of one head (§3): set the singular values ``zero`` (component indices, by
+    decreasing singular value) of its OV = W_V W_O = U S Vh to 0, then rewrite the head from the edited SVD,
+    ``W_V' = U sqrt(S')`` and ``W_O' = sqrt(S') Vh`` (the paper's O = U sqrt(S'), V = sqrt(S') V^T in the column
+    convention). ``W_V' W_O' = OV - sum_k s_k u_k v_k^T``: the head no longer writes along the removed components'
+    directions, and everything else it writes is unchanged (``zero`` empty: the same OV)."""
+    svd = head_svd(FactoredMatrix(W_V, W_O))
+    S = svd.S.clone()
+    index = torch.as_tensor(list(zero), dtype=torch.long)
+    if len(index) and (index.min() < 0 or index.max() >= len(S)):
+        raise ValueError(f"components must be between 0 and {len(S) - 1}, not {sorted(index.tolist())}")
+    S[index] = 0.0
+    root = S.sqrt()
+    return svd.U * root, root[:, None] * svd.Vh
 
 
 # --- composition scores ---------------------------------------------------------------------------------------------
@@ -275,3 +315,26 @@ def component_scores(
     scores = torch.linalg.vector_norm(rows, dim=-1) / frobenius(M.A, M.B)
     return scores if top is None else scores[:top]
 
+
+
+def component_to_component(
+    w: HeadWeights, sender: tuple[int, int], receiver: tuple[int, int], receiver_component: int, kind: Kind = "V",
+) -> Float[Tensor, " component"]:
+    """The composition score of each rank-1 OV component of ``sender`` with one rank-1 component of ``receiver``
+    (Talking Heads: "3.0.1 and 3.0.2 value-compose with 7.9.6"). For rank-1 matrices ``s u v^T`` the score
+    ||W1 W2||_F / (||W1||_F ||W2||_F) is ``|v_1 . u_2|``: how well the sender's written direction lines up with
+    the direction the receiver's component reads (``kind``: through its values (V), queries (Q) or keys (K))."""
+    (ls, _), (lr, hr) = sender, receiver
+    if ls >= lr:
+        raise ValueError(f"the sender's layer ({ls}) must be below the receiver's ({lr})")
+    M = {"Q": w.QK[lr, hr], "K": w.QK[lr, hr].T, "V": w.OV[lr, hr]}[kind]
+    read = head_svd(M).U[:, receiver_component]
+    written = head_svd(w.OV[sender[0], sender[1]]).Vh
+    return (written @ read).abs() / read.norm()
+
+
+def standout(scores: Float[Tensor, " component"], index: int) -> float:
+    """How far ``scores[index]`` stands above the other components: (score - their mean) / their standard
+    deviation (Talking Heads: 8.6.2 is "about 5 standard deviations" above 8.6's other 63 components)."""
+    others = torch.cat([scores[:index], scores[index + 1:]])
+    return float((scores[index] - others.mean()) / others.std())

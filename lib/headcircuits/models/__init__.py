@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from headcircuits.errors import HubUnreachableError, ParameterError, UnknownModelError
+from headcircuits.errors import HubUnreachableError, UnknownModelError
 from headcircuits.models.core import Model, ModelFacts, Tokens
 from headcircuits.models.facts import facts_from_config
 from headcircuits.models.offline import (
@@ -204,16 +204,6 @@ def model_names(value: str | list[str] | tuple[str, ...]) -> list[str]:
     return [n.lower() for n in names]
 
 
-def single_model_name(value: str | list[str] | tuple[str, ...]) -> str:
-    """``model_names`` for a chapter that studies one model per run: exactly one known name (or a list of one)."""
-    names = model_names(value)
-    if len(names) != 1:
-        raise ParameterError(
-            f"this chapter studies one model per run, but model_names names {len(names)}: {names}. Run it once per "
-            f"model, e.g. `headcircuits build-book -p model_names={names[0]}`")
-    return names[0]
-
-
 def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = None, *, seed: int = 0) -> Model:
     """Load a zoo model by name (see the module docstring); ``seed`` only matters for ``tiny-*`` models.
 
@@ -306,7 +296,6 @@ __all__ = [
     "known_models",
     "load_model",
     "model_names",
-    "single_model_name",
     "prepare_offline_models",
     "ungrouped",
     "verify_entry",
