@@ -376,3 +376,42 @@ def test_gpt2_channel_components_and_their_effect_sign(gpt2_weights):
     """On GPT-2 small's weights the channel components for mover 9.9 are the paper's (7.9.6, 8.6.2, 8.10.1)."""
     found = channels.channel_components(gpt2_weights, [(7, 3), (7, 9), (8, 6), (8, 10)], (9, 9))
     assert found[(7, 9)] == 6 and found[(8, 6)] == 2 and found[(8, 10)] == 1
+
+
+def test_gpt2_the_duplicate_channel_is_3_0_1_and_3_0_2(gpt2_weights):
+    """Wang et al.'s duplicate-token heads 0.1, 0.10 and 3.0: the one whose two top components value-compose most
+    with 7.9.6 is 3.0, through 3.0.1 and 3.0.2 (Talking Heads §4)."""
+    head, comps = channels.duplicate_channel(gpt2_weights, [(0, 1), (0, 10), (3, 0)], (7, 9), 6)
+    assert head == (3, 0) and comps == [1, 2]
+    with pytest.raises(ValueError, match="below the receiver"):
+        channels.duplicate_channel(gpt2_weights, [(8, 1)], (7, 9), 6)
+
+
+def test_end_only_logits_equal_the_plain_run_under_the_same_replacement(tiny):
+    """channels.end_logits_under (END alone from the lowest channel layer to the unembedding, on cached keys and
+    values) against metrics.end_logits with the replacement as hooks; one value row per prompt, several lengths."""
+    w = svd.from_model(tiny)
+    data = laundry_list.generate(tiny, 4, seed=1, lengths=[3, 5])
+    channel = channels.Channel.pick(w, {(1, 0): [0], (1, 3): [1]}, offsets=svd.value_offsets(tiny))
+    values = torch.randn(len(data), 2) * 2
+    fast = channels.end_logits_under(tiny, data, channel, values)
+    plain = metrics.end_logits(tiny, data, hooks_for=channels.ChannelReplacement(channel, values).hooks_for(data))
+    assert fast.shape == plain.shape
+    assert (fast - plain).abs().max() < 1e-4
+    unchanged = metrics.end_logits(tiny, data)
+    assert (fast - unchanged).abs().max() > 1e-3
+    table = metrics.evaluate(tiny, data, logits=fast)
+    assert table.candidate_correct.tolist() == metrics.evaluate(
+        tiny, data, hooks_for=channels.ChannelReplacement(channel, values).hooks_for(data)).candidate_correct.tolist()
+    with pytest.raises(ValueError, match="either logits"):
+        metrics.evaluate(tiny, data, logits=fast, cache_as="none")
+
+
+def test_several_value_sets_share_one_pass(tiny):
+    w = svd.from_model(tiny)
+    data = laundry_list.generate(tiny, 3, seed=2, lengths=[3, 4])
+    channel = channels.Channel.pick(w, {(2, 1): [0]})
+    a, b = torch.tensor([1.5]), torch.randn(len(data), 1)
+    both = channels.end_logits_under(tiny, data, channel, [a, b])
+    assert torch.allclose(both[0], channels.end_logits_under(tiny, data, channel, a))
+    assert torch.allclose(both[1], channels.end_logits_under(tiny, data, channel, b))

@@ -355,3 +355,32 @@ def test_inhibition_score_reads_the_movers_pattern_and_responds_to_forcing(tiny)
         forced = interventions.ForcedAttention((mover,), (key,)).hooks_for(data)(0, len(data))
         assert torch.allclose(interventions.inhibition_score(tiny, data, mover, forced), torch.full((8,), target))
     assert list(data.meta.order[:4]) == ["ABBA", "BABA", "ABBA", "BABA"]  # the paper's 100 + 100 orders
+
+
+def test_a_residual_addition_changes_only_its_position_from_its_layer_on(tiny):
+    data = ioi.generate(tiny, 4, seed=0)
+
+    def run(hooks):
+        names = [f"blocks.{l}.hook_resid_post" for l in range(tiny.facts.n_layers)]
+        out = {}
+
+        def record(x, hook, name):
+            out[name] = x.detach().clone()
+            return x
+
+        with torch.no_grad():
+            tiny.bridge.run_with_hooks(data.clean.ids, fwd_hooks=[
+                *hooks, *((n, lambda x, hook, n=n: record(x, hook, n)) for n in names)])
+        return [out[n] for n in names]
+
+    plain = run([])
+    vector = torch.randn(tiny.facts.d_model)
+    added = run(interventions.ResidualAddition(0, "S1", vector).hooks_for(data)(0, len(data)))
+    rows, s1 = torch.arange(len(data)), data.at("S1")
+    assert torch.allclose(added[0][rows, s1] - plain[0][rows, s1], vector.expand(len(data), -1), atol=1e-5)
+    for a, b in zip(plain, added):
+        before = torch.arange(a.shape[1])[None] < s1[:, None]
+        assert torch.equal(a[before], b[before])  # causal: nothing before S1 moves
+    assert (added[-1][rows, data.at("END")] - plain[-1][rows, data.at("END")]).abs().max() > 1e-4
+    zero = run(interventions.ResidualAddition(1, "IO", torch.zeros(tiny.facts.d_model)).hooks_for(data)(0, len(data)))
+    assert all(torch.equal(a, b) for a, b in zip(plain, zero))

@@ -155,7 +155,7 @@ def test_every_notebook_has_a_parameters_cell_and_no_outputs():
 
 SMALL = {"n_prompts": 12, "seed": 1, "n_eval": 24, "n_paper": 60, "n_controls": 2, "n_inhibition": 24,
          "n_components": 4, "n_alphas": 3, "n_per_length": 6, "lengths": [3, 4, 8], "traverse_lengths": [3, 8],
-         "resolution": 3, "n_traverse": 4, "fix_lengths": [3, 8], "n_fix": 8}
+         "resolution": 3, "n_traverse": 4, "fix_lengths": [3, 8], "n_fix": 8, "n_duplicate": 12}
 
 
 @pytest.mark.notebooks

@@ -370,6 +370,48 @@ def _end_step(model: Model, h: Tensor, layers, cache: _Prefix, position: int) ->
     return h
 
 
+def _prefix_groups(model: Model, data: TaskData, first: int, layers):
+    """Per group of prompts of one length: their indices, the length, END's residual stream entering block
+    ``first`` ([n, 1, d_model]) and the cached keys and values of the earlier tokens for ``layers``."""
+    if not bool((data.at("END") == data.clean.lengths - 1).all()):
+        raise ValueError("END must be each prompt's last token")
+    window = getattr(_blocks(model)[0].config, "sliding_window", None)
+    if window and model.facts.family == "gemma3" and int(data.clean.lengths.max()) > window:
+        raise ValueError(f"prompts longer than the sliding window ({window}) are not supported here")
+    lengths = data.clean.lengths
+    for length in lengths.unique().tolist():
+        index = (lengths == length).nonzero().flatten()
+        ids = data.clean.ids[index, :length].to(model.device)
+        seen: dict[str, Tensor] = {}
+
+        def record(x, hook):
+            seen["h"] = x[:, -1:].detach().clone()
+            return x
+
+        model.bridge.run_with_hooks(ids, fwd_hooks=[(f"blocks.{first}.hook_resid_pre", record)], stop_at_layer=first + 1)
+        # the earlier tokens' keys and values, from the model's own forward pass without the unembedding
+        hf_cache = _blocks(model)[0](input_ids=ids[:, :-1], use_cache=True).past_key_values
+        yield index, int(length), seen["h"], {l: (hf_cache.layers[l].keys, hf_cache.layers[l].values) for l in layers}
+
+
+def _replacement_hooks(channel: Channel, replacement: "ChannelReplacement", values: Tensor) -> list:
+    """Hooks that set the channel heads' END output (the only position of an END-only step) to ``values`` rows."""
+    parts = replacement._parts()
+    by_layer: dict[int, list[int]] = {}
+    for i, (layer, _) in enumerate(channel.heads):
+        by_layer.setdefault(layer, []).append(i)
+
+    def replace_z(z, hook, indices):
+        z = z.clone()
+        for i in indices:
+            head = channel.heads[i][1]
+            z[:, 0, head] = replacement.apply(z[:, 0, head], values[:, i], i, parts)
+        return z
+
+    return [(f"blocks.{layer}.attn.hook_z", lambda z, hook, ix=ix: replace_z(z, hook, ix))
+            for layer, ix in sorted(by_layer.items())]
+
+
 @torch.no_grad()
 def traverse(
     model: Model, data: TaskData, channel: Channel, points: Float[Tensor, "point coef"], mover: Head, keys: list[str],
@@ -394,62 +436,30 @@ def traverse(
         raise ValueError(f"the mover {mover} sits below the channel's lowest layer ({first}): nothing to traverse")
     if position != "END":
         raise ValueError("the traversal recomputes END only: position must be 'END'")
-    window = getattr(_blocks(model)[0].config, "sliding_window", None)
-    if window and model.facts.family == "gemma3" and int(data.clean.lengths.max()) > window:
-        raise ValueError(f"prompts longer than the sliding window ({window}) are not supported by the traversal")
     replacement = ChannelReplacement(channel, points[:1], position, mode)
-    parts = replacement._parts()
-    by_layer: dict[int, list[int]] = {}
-    for i, (layer, _) in enumerate(channel.heads):
-        by_layer.setdefault(layer, []).append(i)
     layers = range(first, mover[0] + 1)
     out = torch.zeros(len(points), len(data), len(keys))
     key_pos = torch.stack([data.at(k) for k in keys], dim=1)  # [batch, key], validated
-    lengths = data.clean.lengths
-    groups = [(int(t), (lengths == t).nonzero().flatten()) for t in lengths.unique().tolist()]
-    device = model.device
     bar = tqdm(total=len(points) * len(data), desc="traversal", disable=not progress, unit="prompt")
-    for length, index in groups:
-        ids = data.clean.ids[index, :length].to(device)
-        if not bool((data.at("END")[index] == length - 1).all()):
-            raise ValueError("END must be each prompt's last token")
-        seen: dict[str, Tensor] = {}
-
-        def record(x, hook):
-            seen["h"] = x[:, -1:].detach().clone()
-            return x
-
-        model.bridge.run_with_hooks(ids, fwd_hooks=[(f"blocks.{first}.hook_resid_pre", record)],
-                                    stop_at_layer=first + 1)
-        _, hf_cache = model.bridge(ids[:, :-1], return_type="logits_and_cache")
-        prefix = {l: (hf_cache.layers[l].keys, hf_cache.layers[l].values) for l in layers}
+    for index, length, h, prefix in _prefix_groups(model, data, first, layers):
         n = len(index)
         per_run = max(1, rows_per_run // n)
         for start in range(0, len(points), per_run):
             chunk = points[start:start + per_run].reshape(-1, len(channel.heads), channel.per_head)
             p = len(chunk)
-            values = chunk.repeat_interleave(n, dim=0).to(device)  # row = point * n + prompt
+            values = chunk.repeat_interleave(n, dim=0).to(model.device)  # row = point * n + prompt
             cache = _Prefix({l: (k.repeat(p, 1, 1, 1), v.repeat(p, 1, 1, 1)) for l, (k, v) in prefix.items()},
                             length - 1)
             pattern: dict[str, Tensor] = {}
-
-            def replace_z(z, hook, indices):
-                z = z.clone()
-                for i in indices:
-                    head = channel.heads[i][1]
-                    z[:, 0, head] = replacement.apply(z[:, 0, head], values[:, i], i, parts)
-                return z
 
             def read(pat, hook):
                 pattern["p"] = pat[:, mover[1], 0].detach()
                 raise _Stop
 
-            hooks = [(f"blocks.{layer}.attn.hook_z", lambda z, hook, ix=ix: replace_z(z, hook, ix))
-                     for layer, ix in sorted(by_layer.items())]
-            hooks.append((f"blocks.{mover[0]}.attn.hook_pattern", read))
+            hooks = [*_replacement_hooks(channel, replacement, values), (f"blocks.{mover[0]}.attn.hook_pattern", read)]
             try:
                 with model.bridge.hooks(fwd_hooks=hooks):
-                    _end_step(model, seen["h"].repeat(p, 1, 1), layers, cache, length - 1)
+                    _end_step(model, h.repeat(p, 1, 1), layers, cache, length - 1)
             except _Stop:
                 pass
             att = pattern["p"].float().reshape(p, n, -1)  # [point, prompt, key position]
@@ -458,6 +468,39 @@ def traverse(
             bar.update(p * n)
     bar.close()
     return out
+
+
+@torch.no_grad()
+def end_logits_under(
+    model: Model, data: TaskData, channel: Channel, values, *, mode: str = "replace",
+) -> Float[Tensor, "batch vocab"] | list[Tensor]:
+    """The logits at END with the channel set to ``values`` (one row, or one per prompt; :class:`ChannelReplacement`),
+    computed like :func:`traverse`: each prompt's earlier tokens once, then END alone from the lowest channel layer
+    to the unembedding (tested equal to :func:`headcircuits.metrics.end_logits` under the same replacement). Used
+    for the oracle fix, where every prompt gets the point of its own answer. A list of value tensors gives a list
+    of logits, all from one pass over the earlier tokens."""
+    from headcircuits.metrics import unembed
+
+    several = isinstance(values, (list, tuple))
+    sets = [torch.as_tensor(v, dtype=torch.float32).reshape(-1, len(channel.heads), channel.per_head)
+            for v in (values if several else [values])]
+    for v in sets:
+        if v.shape[0] not in (1, len(data)):
+            raise ValueError(f"values has {v.shape[0]} rows; give one, or one per prompt ({len(data)})")
+    replacement = ChannelReplacement(channel, sets[0][:1], "END", mode)
+    first = min(l for l, _ in channel.heads)
+    layers = range(first, model.facts.n_layers)
+    base, _ = _blocks(model)
+    family = model.facts.family
+    final = base.ln_f if family == "gpt2" else base.final_layer_norm if family == "gpt-neox" else base.norm
+    out = [torch.zeros(len(data), model.facts.d_vocab) for _ in sets]
+    for index, length, h, prefix in _prefix_groups(model, data, first, layers):
+        for logits, v in zip(out, sets):
+            rows = (v if v.shape[0] == 1 else v[index]).expand(len(index), -1, -1).to(model.device)
+            with model.bridge.hooks(fwd_hooks=_replacement_hooks(channel, replacement, rows)):
+                h_end = _end_step(model, h, layers, _Prefix(prefix, length - 1), length - 1)
+            logits[index] = unembed(model, final(h_end)[:, 0]).float().cpu()
+    return out if several else out[0]
 
 
 def class_means(coefficients: Float[Tensor, "batch coef"], labels) -> dict[int, Tensor]:
@@ -655,3 +698,23 @@ def pieces(labels: Tensor, shape: tuple[int, ...]) -> dict[int, int]:
                         seen.add(nxt)
                         stack.append(nxt)
     return count
+
+
+def duplicate_channel(weights, candidates, receiver: Head, component: int, size: int = 2) -> tuple[Head, list[int]]:
+    """The duplicate channel (Talking Heads §4): among ``candidates`` (duplicate-token / induction heads below the
+    ``receiver``), the head whose top ``size`` OV components value-compose most with the receiver's channel
+    ``component`` (:func:`headcircuits.svd.component_to_component`, summed over the ``size`` best), and those
+    components (GPT-2 small: 3.0.1 and 3.0.2 into 7.9.6)."""
+    from headcircuits.svd import component_to_component
+
+    best = None
+    for head in candidates:
+        if head[0] >= receiver[0]:
+            continue
+        scores = component_to_component(weights, tuple(head), receiver, component, "V")
+        top = scores.topk(size)
+        if best is None or float(top.values.sum()) > best[0]:
+            best = (float(top.values.sum()), tuple(head), sorted(top.indices.tolist()))
+    if best is None:
+        raise ValueError(f"no candidate head sits below the receiver {receiver}: nothing can feed its values")
+    return best[1], best[2]

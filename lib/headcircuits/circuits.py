@@ -312,11 +312,16 @@ def classify(
 ) -> dict[Head, str]:
     """A class for each head from where it attends and what it writes, on IOI prompts (see :func:`assign_classes`
     for the rule). Attention scores for every class come from one pass over the prompts; nothing is read off
-    GPT-2's head indices, so the same behavioural definitions serve grouped-K/V and Gemma models."""
-    scores = attention_between_pairs(model, data, list(CLASS_ATTENTION.values()))  # one pass over the prompts
-    patterns = {name: scores[pair] for name, pair in CLASS_ATTENTION.items()}
-    dla = direct_logit_difference(model, data)
-    ld = float((metrics.evaluate(model, data).logit_diff).mean())
+    GPT-2's head indices, so the same behavioural definitions serve grouped-K/V and Gemma models. The evidence
+    (attention scores, direct logit differences, the mean logit difference) is cached on disk per model and prompts."""
+    from headcircuits.cache import cached
+
+    def evidence():
+        scores = attention_between_pairs(model, data, list(CLASS_ATTENTION.values()))  # one pass over the prompts
+        patterns = {name: scores[pair] for name, pair in CLASS_ATTENTION.items()}
+        return patterns, direct_logit_difference(model, data), float((metrics.evaluate(model, data).logit_diff).mean())
+
+    patterns, dla, ld = cached("class_evidence", {"model": model, "data": data}, evidence)
     return assign_classes(patterns, dla, heads, threshold=threshold, negative=negative * abs(ld))
 
 

@@ -82,6 +82,37 @@ class ForcedAttention:
         return hooks
 
 
+@dataclass(frozen=True)
+class ResidualAddition:
+    """Add ``vector`` ([d_model], or one row per prompt) to the residual stream after block ``layer`` at each
+    prompt's ``position`` (e.g. Talking Heads' duplicate channel: a point of the plane of 3.0.1 and 3.0.2 added at
+    IO or S1, before the inhibition heads read it). Everything after that block is recomputed."""
+
+    layer: int
+    position: str
+    vector: Float[Tensor, "... d_model"]
+
+    def hooks_for(self, data: TaskData):
+        """A :data:`headcircuits.metrics.HooksFor` for batched runs over ``data``."""
+        vector = torch.as_tensor(self.vector, dtype=torch.float32).reshape(-1, self.vector.shape[-1])
+        if vector.shape[0] not in (1, len(data)):
+            raise ValueError(f"vector has {vector.shape[0]} rows; give one, or one per prompt ({len(data)})")
+        positions = data.at(self.position)
+
+        def hooks(start: int, stop: int) -> list:
+            v = vector if vector.shape[0] == 1 else vector[start:stop]
+
+            def add(resid, hook):
+                resid = resid.clone()
+                rows = torch.arange(stop - start, device=resid.device)
+                resid[rows, positions[start:stop].to(resid.device)] += v.to(resid)
+                return resid
+
+            return [(f"blocks.{self.layer}.hook_resid_post", add)]
+
+        return hooks
+
+
 @torch.no_grad()
 def attention_under(
     model: Model, data: TaskData, heads: list[Head], query: str, keys: list[str],

@@ -101,6 +101,7 @@ def candidate_logits(end_logits: Float[Tensor, "batch vocab"], candidates: Int[T
 
 def evaluate(
     model: Model, data: TaskData, batch_size: int = 32, hooks_for: HooksFor | None = None, *, cache_as=None,
+    logits: Float[Tensor, "batch vocab"] | None = None,
 ) -> pd.DataFrame:
     """One row per clean prompt, joined with its metadata:
 
@@ -115,13 +116,17 @@ def evaluate(
     ``hooks_for`` runs the prompts under an intervention (see :func:`end_logits`). ``cache_as`` stores the table on
     disk (:func:`headcircuits.cache.cached`) under the model, the prompts and ``cache_as``, which must describe the
     intervention completely (e.g. the intervention object itself, or ``"none"``): hooks cannot be fingerprinted.
+    ``logits``: END logits computed elsewhere (e.g. :func:`headcircuits.channels.end_logits_under`), scored the same way.
     """
+    if logits is not None and (hooks_for is not None or cache_as is not None):
+        raise ValueError("pass either logits or an intervention (hooks_for / cache_as), not both")
     if cache_as is not None:
         from headcircuits.cache import cached
 
         return cached("evaluate", {"model": model, "data": data, "intervention": cache_as},
                       lambda: evaluate(model, data, batch_size, hooks_for))
-    logits = end_logits(model, data, batch_size=batch_size, hooks_for=hooks_for)
+    if logits is None:
+        logits = end_logits(model, data, batch_size=batch_size, hooks_for=hooks_for)
     ld = logit_difference(logits, data.answer, data.distractor)
     top = logits.argmax(-1)
     cands = data.candidates if data.candidates is not None else torch.stack([data.answer, data.distractor], 1)
