@@ -214,3 +214,21 @@ def test_the_book_environment_silences_progress_bars_even_when_a_caller_asks_for
     monkeypatch.setenv("TQDM_DISABLE", "")
     list(tqdm(range(3), disable=False))
     assert "3/3" in capsys.readouterr().err
+
+
+def test_region_map_draws_one_colour_per_index_and_names_them():
+    import matplotlib.pyplot as plt
+    import torch
+
+    from headcircuits import plots
+
+    labels = torch.tensor([0, 0, 2, 2, 1, 2, 0, 1])
+    for dim in (1, 2, 3):
+        points = torch.randn(8, dim)
+        fig = plt.figure()
+        ax = fig.add_subplot(projection="3d" if dim == 3 else None)
+        plots.region_map(points, labels, 3, ax, title="N = 3")
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["0", "1", "2"]
+        plt.close(fig)
+    with pytest.raises(ValueError, match="1 to 3"):
+        plots.region_map(torch.randn(8, 4), labels, 3)

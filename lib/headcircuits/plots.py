@@ -175,6 +175,10 @@ def region_map(points: Float[Tensor, "point dim"], labels: Sequence[int], n: int
         ax.set_yticks([])
     else:
         raise ValueError(f"a region map draws 1 to 3 dimensions, not {dim}")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=palette[i], label=str(i)) for i in sorted(set(lab.tolist()))], title="index",
+              fontsize=5, title_fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     for setter, label in zip((ax.set_xlabel, ax.set_ylabel, getattr(ax, "set_zlabel", None)), axis_labels):
         if setter is not None:
             setter(label, fontsize=6)
