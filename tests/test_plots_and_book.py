@@ -232,3 +232,18 @@ def test_region_map_draws_one_colour_per_index_and_names_them():
         plt.close(fig)
     with pytest.raises(ValueError, match="1 to 3"):
         plots.region_map(torch.randn(8, 4), labels, 3)
+
+
+def test_papermill_reads_every_parameter_each_notebook_assigns():
+    """A parameters-cell line papermill cannot parse (e.g. an '=' inside its comment) silently hides that parameter:
+    `-p` would then be refused, and the book would not say which values it ran with."""
+    import ast
+
+    import nbformat
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)}
+        assert assigned == set(book.declared_parameters(path)), f"{path.name}: papermill misses some parameters"
