@@ -229,7 +229,7 @@ class ChannelShift:
         if delta.shape[0] not in (1, len(data)):
             raise ValueError(f"delta has {delta.shape[0]} rows; give one, or one per prompt ({len(data)})")
         # z . back[i] @ W_O == the written directions: back = directions @ pinv(W_O)
-        back = torch.stack([ch.directions[i] @ torch.linalg.pinv(ch.W_O[i]) for i in range(len(ch.heads))])
+        back = ch.back()
         by_layer: dict[int, list[int]] = {}
         for i, (layer, _) in enumerate(ch.heads):
             by_layer.setdefault(layer, []).append(i)
