@@ -303,3 +303,37 @@ def test_cpu_and_cuda_give_the_same_numbers(name):
     torch.testing.assert_close(ta, tb, rtol=1e-3, atol=1e-4, equal_nan=True)
     torch.testing.assert_close(circuits.direct_logit_difference(cpu, data), circuits.direct_logit_difference(gpu, data),
                                rtol=1e-3, atol=1e-4)
+
+
+def test_a_local_model_directory_loads_with_facts_from_its_config(tiny, tmp_path):
+    """Your own model: a tiny model saved with save_pretrained loads from its folder, computes what the zoo's copy
+    computes, and takes its facts (heads, grouped K/V, norms) from its config and its BOS rule from its tokenizer."""
+    from headcircuits.models import is_local_model, model_names
+
+    folder = tmp_path / f"my-{tiny.facts.family}"
+    from headcircuits.models.tiny import tiny_hf_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tiny_hf_model(tiny.facts.family, tokenizer, seed=0).save_pretrained(folder)  # the zoo's tiny model (seed 0)
+    tokenizer.save_pretrained(folder)
+    assert is_local_model(folder) and not is_local_model(tmp_path)
+    mine = load_model(str(folder), device=tiny.device, prepend_bos=tiny.facts.prepend_bos)
+    ignore = {"name", "source"}
+    assert {k: v for k, v in vars(mine.facts).items() if k not in ignore} == \
+           {k: v for k, v in vars(tiny.facts).items() if k not in ignore}
+    assert mine.name == folder.name and str(folder) in mine.facts.source
+    tokens = tiny.to_tokens(["When Mary and John went to the store, John gave a drink to"])
+    assert torch.allclose(mine.logits(tokens), tiny.logits(tokens), atol=1e-5)
+    # without prepend_bos, BOS follows the tokenizer: these tokenizers add none when encoding
+    assert load_model(str(folder), device=tiny.device).facts.prepend_bos is False
+    assert model_names([str(folder), "smollm2-135m"]) == [str(folder), "smollm2-135m"]
+
+
+def test_a_local_model_of_an_unsupported_architecture_is_refused_with_the_supported_ones(tmp_path):
+    from headcircuits.errors import UnsupportedModelError
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
+    with pytest.raises(UnsupportedModelError, match=r"'bert'.*gpt-neox.*add its family"):
+        load_model(str(tmp_path))
+    with pytest.raises(UnknownModelError, match="nor a folder with a config.json"):
+        load_model(str(tmp_path / "absent"))

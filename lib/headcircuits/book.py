@@ -110,51 +110,225 @@ def check_parameters(notebooks: Iterable[Path], parameters: dict) -> dict[Path, 
     return {nb: {k: v for k, v in parameters.items() if k in names} for nb, names in declared.items()}
 
 
+RECORD = ".run.json"  # beside each executed notebook: what ran, how long, on what (the execution report's source)
+
+
+def execution_key(src: Path, parameters: dict) -> str:
+    """What an executed notebook depends on: its source, the parameters it received, the library's source (the
+    key of the results cache, see :func:`headcircuits.cache.library_hash`), the pinned packages, the device choice
+    and the Python version. Two builds with the same key execute the same code on the same inputs."""
+    import hashlib
+
+    from headcircuits.cache import library_hash
+
+    lock = src.parent.parent / "requirements.lock"
+    parts = {
+        "notebook": hashlib.sha256(src.read_bytes()).hexdigest(),
+        "parameters": json.dumps(parameters, sort_keys=True, default=str),
+        "library": library_hash(),
+        "lock": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else _versions(),
+        "device": os.environ.get("HEADCIRCUITS_DEVICE", ""),
+        "python": sys.version,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for dist in ("headcircuits", "torch", "transformers", "transformer-lens", "numpy", "papermill", "jupyter-book"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _hardware() -> dict[str, str]:
+    """The machine a notebook ran on: CPU model and cores, memory, and the GPU when CUDA is available."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
+           "system": f"{platform.system()} {platform.release()}"}
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        out["memory"] = f"{pages * size / 2**30:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        pass
+    import torch
+
+    out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return out
+
+
+def _execute_child(src: str, dst: str, parameters: str, record: str) -> None:
+    """Run in a fresh Python process by :func:`execute_notebooks`: papermill executes the notebook in a kernel that
+    is this process's child, so once it has exited ``RUSAGE_CHILDREN`` holds the kernel's peak memory alone."""
+    import resource
+
+    import papermill
+
+    start = time.perf_counter()
+    papermill.execute_notebook(src, dst, parameters=json.loads(parameters), cwd=str(Path(src).parent),
+                               progress_bar=False, kernel_name="python3", request_save_on_cell_execute=False)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak_mib = peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    Path(record).write_text(json.dumps({"seconds": seconds, "peak_rss_mib": peak_mib, "hardware": _hardware()}))
+
+
 def execute_notebooks(
-    notebooks: Iterable[Path], out_dir: Path, parameters: dict | None = None, *, log=print
+    notebooks: Iterable[Path], out_dir: Path, parameters: dict | None = None, *, log=print, reuse: bool = True
 ) -> list[Path]:
     """Run each notebook once with papermill (its ``parameters`` cell overridden by the ``parameters`` it declares;
     one that no notebook declares is an error, see :func:`check_parameters`). Cached results go to
-    ``$HEADCIRCUITS_RESULTS`` when set, else to ``<out_dir>/../results`` (the book's own folder)."""
-    import papermill
+    ``$HEADCIRCUITS_RESULTS`` when set, else to ``<out_dir>/../results`` (the book's own folder).
+
+    Each notebook runs in its own process; beside its executed copy a ``.run.json`` record keeps its
+    :func:`execution_key`, parameters, wall time, the kernel's peak memory, the hardware and the versions (the
+    execution report is made from these). With ``reuse``, a notebook whose key equals the one recorded beside its
+    executed copy is not run again: nothing it depends on has changed. A failing notebook raises
+    :class:`~headcircuits.errors.NotebookError` (its traceback is printed and kept in the executed copy)."""
+    from headcircuits.errors import NotebookError
 
     notebooks = list(notebooks)
     per_notebook = check_parameters(notebooks, parameters or {})
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {**NOTEBOOK_ENV, "HEADCIRCUITS_RESULTS": os.environ.get("HEADCIRCUITS_RESULTS") or str(out_dir.parent / "results")}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    env = {**os.environ, **NOTEBOOK_ENV,
+           "HEADCIRCUITS_RESULTS": os.environ.get("HEADCIRCUITS_RESULTS") or str(out_dir.parent / "results")}
     executed = []
-    try:
-        for src in notebooks:
-            dst = out_dir / src.name
-            start = time.perf_counter()
-            papermill.execute_notebook(
-                str(src), str(dst), parameters=per_notebook[src], cwd=str(src.parent), progress_bar=False,
-                kernel_name="python3", request_save_on_cell_execute=False,
-            )
-            log(f"executed {src.name} in {time.perf_counter() - start:.1f} s")
+    for src in notebooks:
+        dst, record_path = out_dir / src.name, out_dir / (src.stem + RECORD)
+        key = execution_key(src, per_notebook[src])
+        old = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        if reuse and dst.is_file() and old.get("key") == key:
+            log(f"{src.name}: unchanged since {old['executed_at']} (source, parameters, library and packages); "
+                f"reused its executed copy ({old['seconds']:.0f} s then)")
+            record_path.write_text(json.dumps({**old, "reused": True}, indent=1))
             executed.append(dst)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+            continue
+        record_path.unlink(missing_ok=True)
+        usage = out_dir / (src.stem + ".usage.json")
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-c", "import sys; from headcircuits.book import _execute_child; _execute_child(*sys.argv[1:])",
+             str(src), str(dst), json.dumps(per_notebook[src]), str(usage)], env=env)
+        if proc.returncode != 0:
+            raise NotebookError(f"{src.name} failed (exit {proc.returncode}); the traceback is printed above and "
+                                f"kept in its executed copy {dst}. Fix the notebook or the library and build again.")
+        measured = json.loads(usage.read_text())
+        usage.unlink()
+        defaults = declared_parameters(src)
+        record = {
+            "notebook": src.name, "key": key,
+            "executed_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "parameters": {**defaults, **{k: json.dumps(v) for k, v in per_notebook[src].items()}},
+            "overridden": sorted(per_notebook[src]),
+            "seconds": measured["seconds"], "process_seconds": time.perf_counter() - start,
+            "peak_rss_mib": measured["peak_rss_mib"], "hardware": measured["hardware"],
+            "device": os.environ.get("HEADCIRCUITS_DEVICE") or "default (CUDA when available, else CPU)",
+            "versions": _versions(), "reused": False,
+        }
+        record_path.write_text(json.dumps(record, indent=1))
+        log(f"executed {src.name} in {record['seconds']:.1f} s (peak {record['peak_rss_mib']:.0f} MiB)")
+        executed.append(dst)
     return executed
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def execution_report(records: list[dict]) -> str:
+    """The book's execution report (MyST Markdown): per chapter its parameters, model(s), wall time, the kernel's
+    peak memory and when it ran; then the hardware and the versions. Made from the ``.run.json`` records that
+    :func:`execute_notebooks` keeps, so it describes this build, not a typed claim."""
+    if not records:
+        raise ValueError("no execution records: execute the notebooks first (headcircuits.book.execute_notebooks)")
+    lines = [
+        "# Execution report", "",
+        "Computed when this book was built: how each chapter was executed (by papermill, one process per chapter),",
+        "with which parameters and models, how long it took and how much memory its kernel used at its peak. A",
+        "chapter marked *reused* was not executed again because nothing it depends on changed (its source, its",
+        "parameters, the library's source, the pinned packages, the device choice); its figures are from its last",
+        "execution.", "",
+        "| chapter | models | device | wall time | peak memory | executed |",
+        "| --- | --- | --- | ---: | ---: | --- |",
+    ]
+    total = 0.0
+    for r in records:
+        models = str(r["parameters"].get("model_names", "")).strip("[]\"'").replace("\"", "").replace("'", "")
+        total += r["seconds"]
+        lines.append(f"| [{r['notebook'].removesuffix('.ipynb')}](notebooks/{r['notebook']}) | "
+                     f"{models} | {r['device'].split(' (')[0]} | {_minutes(r['seconds'])} | "
+                     f"{r['peak_rss_mib'] / 1024:.1f} GiB | {r['executed_at']}{' (reused)' if r.get('reused') else ''} |")
+    lines += ["", f"All chapters: {_minutes(total)} of execution.", ""]
+    hardware, versions = records[-1]["hardware"], records[-1]["versions"]
+    lines += ["## Hardware", "", "| | |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in hardware.items()]
+    lines += ["", "## Versions", "", "| package | version |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in versions.items()]
+    lines += ["", "## Parameters", "",
+              "Each chapter's `parameters` cell as executed; **bold** values were overridden for this build.", ""]
+    for r in records:
+        lines += [f"### {r['notebook'].removesuffix('.ipynb')}", "", "| parameter | value |", "| --- | --- |"]
+        for name, value in r["parameters"].items():
+            shown = f"`{value}`".replace("|", "\\|")
+            lines.append(f"| `{name}` | {'**' + shown + '**' if name in r['overridden'] else shown} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _runtime_cell(record: dict) -> dict:
+    """A Markdown cell put under a chapter's title in the book (and in the notebook a reader downloads from it):
+    how long it took when the book was built, on what."""
+    hw = record["hardware"]
+    where = f"{hw['cores']} cores of {hw['cpu']}" + (f" and an {hw['gpu']}" if hw.get("gpu", "none") != "none" else "")
+    text = (f"```{{admonition}} Running time\n:class: note\nWhen this book was built, this chapter took "
+            f"**{_minutes(record['seconds'])}** on {where} (peak memory {record['peak_rss_mib'] / 1024:.1f} GiB), "
+            f"with the parameters of the [execution report](../execution_report.md). The first cell installs what a "
+            f"notebook run on its own needs; [Running it yourself](../running.md) says what a laptop, Colab or a lab "
+            f"GPU costs.\n```")
+    return {"cell_type": "markdown", "id": "runtime", "metadata": {}, "source": text}
+
+
+def records_for(executed: Iterable[Path]) -> list[dict]:
+    """The execution records kept beside executed notebooks, in the same order; ``reused`` marks those whose
+    record is older than this build (see :func:`execute_notebooks`)."""
+    out = []
+    for nb in executed:
+        path = nb.with_name(nb.stem + RECORD)
+        if not path.is_file():
+            raise FileNotFoundError(f"{nb} has no execution record {path.name}: execute it with execute_notebooks")
+        out.append(json.loads(path.read_text()))
+    return out
 
 
 def stage_sources(root: Path, executed: Iterable[Path], stage: Path) -> None:
     """Lay out what Sphinx reads: config, pages, executed notebooks, vendored JS."""
     if stage.exists():
         shutil.rmtree(stage)
-    shutil.copytree(root / "book", stage / "book", ignore=shutil.ignore_patterns("notebooks", "_build"))
+    shutil.copytree(root / "book", stage / "book", ignore=shutil.ignore_patterns("notebooks", "_build", "_css"))
     shutil.copy2(root / "_config.yml", stage / "_config.yml")
     (stage / "book" / "notebooks").mkdir(parents=True, exist_ok=True)
-    for nb in executed:
-        shutil.copy2(nb, stage / "book" / "notebooks" / nb.name)
+    records = records_for(executed)
+    for nb, record in zip(executed, records):
+        notebook = json.loads(nb.read_text())
+        with_time = {**notebook, "cells": [notebook["cells"][0], _runtime_cell(record), *notebook["cells"][1:]]}
+        (stage / "book" / "notebooks" / nb.name).write_text(json.dumps(with_time, indent=1, ensure_ascii=False))
+    (stage / "book" / "execution_report.md").write_text(execution_report(records))
     # not "_static": Jupyter Book 1 would add every .js under it to every page (all of MathJax's extensions)
     vendor_assets(stage / "_vendor")
+    shutil.copy2(root / "book" / "_css" / "headcircuits.css", stage / "_vendor" / "headcircuits.css")
 
 
 def render(stage: Path, html_parent: Path) -> None:

@@ -68,14 +68,15 @@ def _update(digest, obj: Any) -> None:
 
 
 def library_hash() -> str:
-    """A sha256 of the source of every module of the installed ``headcircuits`` package (file names and bytes)."""
+    """A sha256 of every file of the installed ``headcircuits`` package: its modules, the prompts it ships and the
+    pinned versions (file names and bytes; compiled ``__pycache__`` files excluded)."""
     return _library_hash(Path(__file__).resolve().parent)
 
 
 @functools.lru_cache(maxsize=4)
 def _library_hash(package: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
+    for path in sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         digest.update(str(path.relative_to(package)).encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()

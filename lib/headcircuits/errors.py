@@ -9,6 +9,10 @@ class UnknownModelError(HeadcircuitsError, ValueError):
     """A model name that the zoo does not know. The message lists the known ones."""
 
 
+class UnsupportedModelError(HeadcircuitsError, ValueError):
+    """A local model whose architecture headcircuits does not support (the message lists the supported ones)."""
+
+
 class HubUnreachableError(HeadcircuitsError, RuntimeError):
     """A hub model was requested, it is not in the local Hugging Face cache, and the hub cannot be reached."""
 
@@ -27,3 +31,7 @@ class VocabularyError(HeadcircuitsError, ValueError):
 
 class ParameterError(HeadcircuitsError, ValueError):
     """A notebook or build parameter that does not exist or has an unusable value; the message lists valid ones."""
+
+
+class NotebookError(HeadcircuitsError, RuntimeError):
+    """A notebook of the book failed while executing; the message names the executed copy that shows the error."""

