@@ -23,14 +23,16 @@ $(STAMP): requirements.lock pyproject.toml
 models: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/headcircuits prepare-models
 
-# Main job: install, prepare the model, execute every notebook with papermill, render the book into _build/html.
+# Main job: install, prepare the model, execute every notebook with papermill (a chapter whose inputs are unchanged
+# since the last build is reused), render the student edition into _build/html and the instructor edition (the
+# exercises' solutions) into _build/html-instructor.
 # Notebook parameters: make book PARAMS="-p model_names=gemma-3-270m -p n_prompts=50" (an unknown one is an error).
 PARAMS ?=
 book:
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory models && \
 	$(OFFLINE) $(VENV)/bin/headcircuits build-book $(PARAMS) && \
-	echo "make book: done in $$(( $$(date +%s) - start )) s; open _build/html/index.html"
+	echo "make book: done in $$(( $$(date +%s) - start )) s; open _build/html/index.html (instructors: _build/html-instructor)"
 
 # Unit tests on tiny models, slow tests on the embedded model, every notebook executed, offline-HTML scan.
 test: $(STAMP)

@@ -179,3 +179,53 @@ def test_a_downloaded_chapter_runs_in_a_fresh_environment_from_its_own_install_c
     site = subprocess.run([str(python), "-c", "import headcircuits, torch; print(headcircuits.__file__, torch.__version__)"],
                           capture_output=True, text=True, check=True).stdout
     assert str(venv) in site and "2.13.0" in site  # the package and the pinned torch live in the fresh environment
+
+
+def _exercise_cells(path: Path):
+    nb = nbformat.read(path, as_version=4)
+    exercises = [c for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("```{admonition} Exercise")]
+    solutions = [c for c in nb.cells if "solution" in c.metadata.get("tags", [])]
+    checks = [c for c in nb.cells if "check" in c.metadata.get("tags", [])]
+    return nb, exercises, solutions, checks
+
+
+def test_every_chapter_has_two_to_four_exercises_with_difficulty_importance_time_and_solutions():
+    instructors = (ROOT / "book" / "instructors.md").read_text()
+    for path in book.notebooks_in_toc(ROOT):
+        nb, exercises, solutions, checks = _exercise_cells(path)
+        assert 2 <= len(exercises) <= 4, f"{path.name}: {len(exercises)} exercises"
+        for cell in exercises:
+            assert all(w in cell.source for w in ("**Difficulty**", "**importance**", "**time**")), cell.source[:80]
+            number = re.match(r"```\{admonition\} Exercise (\d+\.\d+)", cell.source).group(1)
+            assert number in instructors, f"the instructors' page does not list exercise {number}"
+        assert len(solutions) >= len(exercises), f"{path.name}: an exercise without a solution"
+        for cell in solutions:
+            if cell.cell_type == "code" and any(c is cell for c in solutions):
+                index = nb.cells.index(cell)
+                follows = nb.cells[index + 1] if index + 1 < len(nb.cells) else None
+                if follows is not None and "check" in follows.metadata.get("tags", []):
+                    assert "headcircuits" in cell.metadata and "stub" in cell.metadata["headcircuits"], \
+                        f"{path.name}: a checked solution needs a stub for the student edition"
+        for cell in checks:
+            assert "exercises.check_" in cell.source
+
+
+def test_the_student_edition_leaves_out_solutions_and_the_instructor_edition_keeps_them():
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# A chapter"),
+        nbformat.v4.new_code_cell("def f(x):\n    return 2 * x  # SECRET-CODE", metadata={
+            "tags": ["solution"], "headcircuits": {"stub": "def f(x):\n    raise NotImplementedError"}},
+            outputs=[nbformat.v4.new_output("stream", text="SECRET-OUTPUT")]),
+        nbformat.v4.new_code_cell("exercises.check_x(f);", metadata={"tags": ["check"]},
+                                  outputs=[nbformat.v4.new_output("stream", text="✓ passed")]),
+        nbformat.v4.new_markdown_cell("**Solution.** SECRET-PROSE", metadata={"tags": ["solution"]}),
+        nbformat.v4.new_code_cell("print(1)", metadata={"tags": ["solution"]}),
+    ]
+    notebook = json.loads(nbformat.writes(nb))
+    student = json.dumps(book.edition(notebook, "student"))
+    assert "SECRET" not in student and "NotImplementedError" in student and "passed" not in student
+    assert "print(1)" not in student and "your code here" in student
+    assert book.edition(notebook, "instructor") == notebook
+    with pytest.raises(ValueError, match="student"):
+        book.edition(notebook, "teacher")

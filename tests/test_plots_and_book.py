@@ -197,12 +197,43 @@ def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     assert f"{value('06_laundry_list', 'n_per_length')} prompts per N" in list_page
     assert "the oracle fix" in list_page.lower() and "held out" in list_page
     intro = (html / "book" / "intro.html").read_text()
+    assert "CC BY 4.0" in intro and "MIT licence" in intro  # the footer states both licences
+    for page in ("glossary", "instructors", "running", "execution_report", "references"):
+        assert (html / "book" / f"{page}.html").is_file(), page
     for chapter_claim in ("IOI: the model ranks IO above S", "most of the Colored Objects circuit is the IOI circuit",
                           "the IOI circuit has movers", "keeping only the channel components",
                           "setting the subspace to the answer's region"):
         assert chapter_claim in intro, f"scorecard lacks {chapter_claim!r}"  # pasted from the executed chapters
     for page in html.rglob("*.html"):  # each script once: a repeated `const` declaration is a JavaScript error
         assert page.read_text().count("const THEBE_JS_URL") <= 1, page
+    # two editions: the student one without the exercises' solutions, the instructor one with all of them
+    instructor = html.parent / "html-instructor"
+    assert book.scan_offline(instructor) == []
+    import nbformat
+
+    for path in book.notebooks_in_toc(ROOT):
+        name = f"book/notebooks/{path.stem}.html"
+        student_page, teacher_page = (html / name).read_text(), (instructor / name).read_text()
+        solutions = [c for c in nbformat.read(path, as_version=4).cells if "solution" in c.metadata.get("tags", [])]
+        assert solutions, path.name
+        for cell in solutions:
+            line = max(cell.source.splitlines(), key=len).strip()  # a distinctive line of the solution
+            line = line.replace("**Solution.** ", "")[:60]
+            assert _visible(line) not in _visible(student_page), f"{path.stem}: the student edition shows {line!r}"
+            assert _visible(line) in _visible(teacher_page), f"{path.stem}: the instructor edition lacks {line!r}"
+        assert "Instructor edition" in (instructor / "book" / "intro.html").read_text()
+        assert "Instructor edition" not in (html / "book" / "intro.html").read_text()
+
+
+def _visible(page: str) -> str:
+    """The text a reader sees (tags and entities gone, spaces collapsed): highlighted code is split into spans."""
+    import html as html_lib
+    import re
+
+    text = html_lib.unescape(re.sub(r"<[^>]+>", "", page))
+    for curly, plain in (("’", "'"), ("‘", "'"), ("“", '"'), ("”", '"')):  # Sphinx's smart quotes
+        text = text.replace(curly, plain)
+    return re.sub(r"\s+", " ", text.replace("`", "").replace("*", ""))
 
 
 def test_the_book_environment_silences_progress_bars_even_when_a_caller_asks_for_them(monkeypatch, capsys):

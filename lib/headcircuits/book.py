@@ -313,16 +313,59 @@ def records_for(executed: Iterable[Path]) -> list[dict]:
     return out
 
 
-def stage_sources(root: Path, executed: Iterable[Path], stage: Path) -> None:
-    """Lay out what Sphinx reads: config, pages, executed notebooks, vendored JS."""
+EDITIONS = ("student", "instructor")
+STUDENT_NOTE = ("*Your answer goes here: this is the student edition, whose solutions are left out. Run the checker "
+                "cell below to test your function.*")
+
+
+def edition(notebook: dict, which: str) -> dict:
+    """A notebook as one edition of the book shows it. Exercise solutions are cells tagged ``solution``; a
+    checker's cell is tagged ``check``.
+
+    * ``student``: a code solution becomes its stub (cell metadata ``headcircuits.stub``, else a comment), without
+      outputs; a Markdown solution is left out; checker cells lose their outputs (they were computed with the
+      solution).
+    * ``instructor``: everything as executed, solutions and checks included.
+    """
+    if which not in EDITIONS:
+        raise ValueError(f"edition must be one of {EDITIONS}, not {which!r}")
+    if which == "instructor":
+        return notebook
+    cells = []
+    for cell in notebook["cells"]:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "solution" in tags:
+            if cell["cell_type"] != "code":
+                continue
+            stub = cell["metadata"].get("headcircuits", {}).get("stub", "# your code here")
+            meta = {k: v for k, v in cell["metadata"].items() if k not in ("headcircuits", "papermill", "execution")}
+            meta["tags"] = [t for t in tags if t != "solution"]
+            cell = {**cell, "source": stub, "outputs": [], "execution_count": None, "metadata": meta}
+        elif "check" in tags and cell["cell_type"] == "code":
+            cell = {**cell, "outputs": [], "execution_count": None}
+        cells.append(cell)
+    return {**notebook, "cells": cells}
+
+
+INSTRUCTOR_BANNER = ("```{admonition} Instructor edition\n:class: warning\nThis edition shows the exercises' "
+                     "solutions and the checkers' outputs. Give students the student edition.\n```\n\n")
+
+
+def stage_sources(root: Path, executed: Iterable[Path], stage: Path, which: str = "student") -> None:
+    """Lay out what Sphinx reads for one edition (see :func:`edition`): config, pages, executed notebooks,
+    vendored JS."""
     if stage.exists():
         shutil.rmtree(stage)
     shutil.copytree(root / "book", stage / "book", ignore=shutil.ignore_patterns("notebooks", "_build", "_css"))
     shutil.copy2(root / "_config.yml", stage / "_config.yml")
+    if which == "instructor":
+        intro = stage / "book" / "intro.md"
+        title, _, rest = intro.read_text().partition("\n")
+        intro.write_text(f"{title}\n\n{INSTRUCTOR_BANNER}{rest}")
     (stage / "book" / "notebooks").mkdir(parents=True, exist_ok=True)
     records = records_for(executed)
     for nb, record in zip(executed, records):
-        notebook = json.loads(nb.read_text())
+        notebook = edition(json.loads(nb.read_text()), which)
         with_time = {**notebook, "cells": [notebook["cells"][0], _runtime_cell(record), *notebook["cells"][1:]]}
         (stage / "book" / "notebooks" / nb.name).write_text(json.dumps(with_time, indent=1, ensure_ascii=False))
     (stage / "book" / "execution_report.md").write_text(execution_report(records))
@@ -342,15 +385,24 @@ def render(stage: Path, html_parent: Path) -> None:
 
 
 def build(root: Path, out: Path, parameters: dict | None = None, *, log=print) -> Path:
-    """Execute every notebook of the table of contents and render the book; returns the HTML directory,
-    ``out/_build/html`` (executed notebooks in ``out/_build/executed``, staged sources in ``out/_build/source``)."""
+    """Execute every notebook of the table of contents once and render the book twice: the student edition
+    (returned: ``out/_build/html``) and the instructor edition with the exercises' solutions
+    (``out/_build/html-instructor``); executed notebooks in ``out/_build/executed``, staged sources in
+    ``out/_build/source`` and ``source-instructor``."""
     start = time.perf_counter()
     work = out / "_build"
     executed = execute_notebooks(notebooks_in_toc(root), work / "executed", parameters, log=log)
-    stage_sources(root, executed, work / "source")
+    stage_sources(root, executed, work / "source", "student")
     render(work / "source", out)
+    # the instructor edition: the same executed notebooks, solutions shown, into _build/html-instructor
+    stage_sources(root, executed, work / "source-instructor", "instructor")
+    render(work / "source-instructor", work / "instructor")
+    instructor = work / "html-instructor"
+    shutil.rmtree(instructor, ignore_errors=True)
+    shutil.move(work / "instructor" / "_build" / "html", instructor)
     html = work / "html"
-    log(f"book built in {time.perf_counter() - start:.1f} s: {html / 'index.html'}")
+    log(f"book built in {time.perf_counter() - start:.1f} s: {html / 'index.html'} (students), "
+        f"{instructor / 'index.html'} (instructors)")
     return html
 
 

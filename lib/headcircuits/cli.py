@@ -51,7 +51,7 @@ def _run(args) -> int:
         parameters = book.parse_parameters(args.parameter)
         book.check_parameters(book.notebooks_in_toc(args.root.resolve()), parameters)  # before any slow work
         html = book.build(args.root.resolve(), args.out.resolve(), parameters)
-        problems = book.scan_offline(html)
+        problems = book.scan_offline(html) + book.scan_offline(html.parent / "html-instructor")
         if problems:
             print("pages would load from the network:\n  " + "\n  ".join(problems), file=sys.stderr)
             return 1

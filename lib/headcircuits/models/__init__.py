@@ -176,7 +176,11 @@ def _load_hub(name: str, spec: ModelSpec, device: str) -> Model:
         name, bridge.original_model.config, prepend_bos=spec.prepend_bos, quantisation=None,
         source=f"hub: {spec.hub_id}",
     )
-    revision = getattr(bridge.original_model.config, "_commit_hash", None) or "unknown revision"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec.hub_id, "config.json")  # .../snapshots/<revision>/config.json
+    revision = (getattr(bridge.original_model.config, "_commit_hash", None)
+                or (Path(cached).parent.name if isinstance(cached, str) else "unknown revision"))
     return Model(bridge=bridge, tokenizer=bridge.tokenizer, facts=facts, weights_id=f"hub:{spec.hub_id}@{revision}")
 
 
