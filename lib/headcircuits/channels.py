@@ -37,6 +37,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from headcircuits.models.blocks import final_norm, hf_blocks, run_blocks
 from headcircuits.models.core import Head, Model
 from headcircuits.svd import fix_signs
 from headcircuits.tasks.base import TaskData
@@ -339,43 +340,12 @@ class _Stop(Exception):
     """Raised by the mover's pattern hook: nothing above it is needed."""
 
 
-def _blocks(model: Model):
-    hf = model.bridge.original_model
-    family = model.facts.family
-    if family == "gpt2":
-        return hf.transformer, hf.transformer.h
-    if family == "gpt-neox":
-        return hf.gpt_neox, hf.gpt_neox.layers
-    return hf.model, hf.model.layers
-
-
-def _end_step(model: Model, h: Tensor, layers, cache: _Prefix, position: int) -> Tensor:
-    """The END token's residual ``h`` ([rows, 1, d_model]) through ``layers`` (the model's own blocks, hooks and
-    all), attending to the cached earlier tokens, at sequence position ``position``."""
-    base, blocks = _blocks(model)
-    family = model.facts.family
-    ids = torch.full((h.shape[0], 1), position, dtype=torch.long, device=h.device)
-    for layer in layers:
-        block = blocks[layer]
-        if family == "gpt2":
-            out = block(h, cache, attention_mask=None, use_cache=True, position_ids=ids)
-        else:
-            if family == "gemma3":
-                rotary = base.rotary_emb(h, ids, base.config.layer_types[layer])
-            else:
-                rotary = base.rotary_emb(h, position_ids=ids)
-            out = block(h, attention_mask=None, position_embeddings=rotary, position_ids=ids, past_key_values=cache,
-                        use_cache=True)
-        h = out[0] if isinstance(out, tuple) else out
-    return h
-
-
 def _prefix_groups(model: Model, data: TaskData, first: int, layers):
     """Per group of prompts of one length: their indices, the length, END's residual stream entering block
     ``first`` ([n, 1, d_model]) and the cached keys and values of the earlier tokens for ``layers``."""
     if not bool((data.at("END") == data.clean.lengths - 1).all()):
         raise ValueError("END must be each prompt's last token")
-    window = getattr(_blocks(model)[0].config, "sliding_window", None)
+    window = getattr(hf_blocks(model)[0].config, "sliding_window", None)
     if window and model.facts.family == "gemma3" and int(data.clean.lengths.max()) > window:
         raise ValueError(f"prompts longer than the sliding window ({window}) are not supported here")
     lengths = data.clean.lengths
@@ -390,7 +360,7 @@ def _prefix_groups(model: Model, data: TaskData, first: int, layers):
 
         model.bridge.run_with_hooks(ids, fwd_hooks=[(f"blocks.{first}.hook_resid_pre", record)], stop_at_layer=first + 1)
         # the earlier tokens' keys and values, from the model's own forward pass without the unembedding
-        hf_cache = _blocks(model)[0](input_ids=ids[:, :-1], use_cache=True).past_key_values
+        hf_cache = hf_blocks(model)[0](input_ids=ids[:, :-1], use_cache=True).past_key_values
         yield index, int(length), seen["h"], {l: (hf_cache.layers[l].keys, hf_cache.layers[l].values) for l in layers}
 
 
@@ -459,7 +429,7 @@ def traverse(
             hooks = [*_replacement_hooks(channel, replacement, values), (f"blocks.{mover[0]}.attn.hook_pattern", read)]
             try:
                 with model.bridge.hooks(fwd_hooks=hooks):
-                    _end_step(model, h.repeat(p, 1, 1), layers, cache, length - 1)
+                    run_blocks(model, h.repeat(p, 1, 1), layers, cache, length - 1)
             except _Stop:
                 pass
             att = pattern["p"].float().reshape(p, n, -1)  # [point, prompt, key position]
@@ -490,16 +460,13 @@ def end_logits_under(
     replacement = ChannelReplacement(channel, sets[0][:1], "END", mode)
     first = min(l for l, _ in channel.heads)
     layers = range(first, model.facts.n_layers)
-    base, _ = _blocks(model)
-    family = model.facts.family
-    final = base.ln_f if family == "gpt2" else base.final_layer_norm if family == "gpt-neox" else base.norm
     out = [torch.zeros(len(data), model.facts.d_vocab) for _ in sets]
     for index, length, h, prefix in _prefix_groups(model, data, first, layers):
         for logits, v in zip(out, sets):
             rows = (v if v.shape[0] == 1 else v[index]).expand(len(index), -1, -1).to(model.device)
             with model.bridge.hooks(fwd_hooks=_replacement_hooks(channel, replacement, rows)):
-                h_end = _end_step(model, h, layers, _Prefix(prefix, length - 1), length - 1)
-            logits[index] = unembed(model, final(h_end)[:, 0]).float().cpu()
+                h_end = run_blocks(model, h, layers, _Prefix(prefix, length - 1), length - 1)
+            logits[index] = unembed(model, final_norm(model, h_end)[:, 0]).float().cpu()
     return out if several else out[0]
 
 

@@ -21,6 +21,8 @@ previous-token stage with the S2 -> IO counterfactual) has exactly zero effects:
 
 from __future__ import annotations
 
+import time
+
 import math
 import random
 from dataclasses import dataclass, field
@@ -74,6 +76,8 @@ class Circuit:
     fraction: float = 0.02
     min_effect: float = 0.01
     notes: dict[str, str] = field(default_factory=dict)  # per stage, e.g. why its effects are exactly zero
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage, wall time (a cached table: its read)
+    senders: dict[str, int] = field(default_factory=dict)  # per stage, how many senders were patched
 
     def __contains__(self, head: Head) -> bool:
         return head in self.heads
@@ -137,8 +141,10 @@ def discover(
                 f"sender's output differs where the receivers read it (not computed; no head selected)")
             previous = []
             continue
+        start = time.perf_counter()
         table = patching.path_patch(model, data, receivers, senders, method=method, freeze_mlps=freeze_mlps,
                                     base=base, progress=progress, cache=cache)
+        circuit.seconds[stage.name], circuit.senders[stage.name] = time.perf_counter() - start, len(senders)
         circuit.tables[stage.name] = table
         previous = top_heads(table, fraction, min_effect)
         for head in previous:

@@ -36,8 +36,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headcircuits.metrics import final_normed, logit_difference, logits_at, unembed
+from headcircuits.metrics import _Stop, final_normed, logit_difference, logits_at, unembed
 from headcircuits.models import ungrouped
+from headcircuits.models.blocks import final_norm, run_blocks
 from headcircuits.models.core import Head, Model
 from headcircuits.progress import tqdm
 from headcircuits.tasks.base import TaskData
@@ -118,7 +119,7 @@ class Baseline:
     z_clean: list[Tensor]  # per layer [batch, pos, head, d_head]
     z_corrupt: list[Tensor]
     mlp_clean: list[Tensor]  # per layer [batch, pos, d_model]
-    resid0_clean: Tensor  # the residual stream entering block 0 (embeddings), [batch, pos, d_model]
+    resid_pre_clean: list[Tensor]  # per layer, the clean residual stream entering the block [batch, pos, d_model]
     key: str | None = None  # fingerprint of the model and prompts it was run on (keys cached tables)
 
 
@@ -150,7 +151,7 @@ def baseline(model: Model, data: TaskData) -> Baseline:
 
     _check(data)
     L = model.facts.n_layers
-    names = lambda n: n.endswith(("attn.hook_z", "hook_mlp_out")) or n == "blocks.0.hook_resid_pre"  # noqa: E731
+    names = lambda n: n.endswith(("attn.hook_z", "hook_mlp_out", "hook_resid_pre"))  # noqa: E731
     clean_logits, clean = model.bridge.run_with_cache(data.clean.ids.to(model.device), names_filter=names)
     corrupt_logits, corrupt = model.bridge.run_with_cache(data.corrupt.ids.to(model.device), names_filter=names)
     return Baseline(
@@ -160,7 +161,7 @@ def baseline(model: Model, data: TaskData) -> Baseline:
         z_clean=[clean[_z(l)].clone() for l in range(L)],
         z_corrupt=[corrupt[_z(l)].clone() for l in range(L)],
         mlp_clean=[clean[_mlp(l)].clone() for l in range(L)],
-        resid0_clean=clean["blocks.0.hook_resid_pre"].clone(),
+        resid_pre_clean=[clean[f"blocks.{l}.hook_resid_pre"].clone() for l in range(L)],
     )
 
 
@@ -345,7 +346,7 @@ def path_patch(
         return compute()
     from headcircuits.cache import cached, fingerprint
 
-    base_key = None if base is None else (base.key or fingerprint([base.ld_clean, base.ld_corrupt, base.resid0_clean,
+    base_key = None if base is None else (base.key or fingerprint([base.ld_clean, base.ld_corrupt, base.resid_pre_clean[0],
                                                                      *base.z_clean, *base.z_corrupt]))
     key = {"model": model, "data": data, "receivers": receivers, "senders": senders, "freeze_mlps": freeze_mlps,
            "sender_position": sender_position, "base": base_key, "per_batch": per_batch}
@@ -379,9 +380,11 @@ def path_patch_fast_ld(
 
     Why that is exact. In step 2 every head is frozen, so no information moves between positions: the residual
     stream at the receivers' position P (END for the logits) depends only on the frozen head outputs at P and on
-    per-position MLPs and norms. Step 2 is therefore a one-token forward pass per (prompt, sender) whose block-0
-    input is the clean residual at P and whose heads output their frozen values at P (``chunk`` senders per
-    pass). In step 3 only the receivers' inputs at P change, so every position before P, and every layer below
+    per-position MLPs and norms. Below a sender's layer every head holds its clean output, so the residual there
+    is the clean one. Step 2 is therefore a one-token pass per (prompt, sender) that starts at the sender's layer
+    from the clean residual entering it at P (the model's own blocks, :func:`headcircuits.models.blocks.run_blocks`)
+    and whose heads output their frozen values at P; the senders of one layer share a pass (at most ``chunk``).
+    Receivers below a sender's layer read their clean input. In step 3 only the receivers' inputs at P change, so every position before P, and every layer below
     the lowest receiver at every position, is the clean run: per prompt, a pass over its tokens P..END on top of
     the clean prefix's key/value cache, one copy up to the lowest receiver layer, then widened to one row per
     sender (at most ``max_rows`` at a time). The unembedding is skipped: the logit difference needs two columns.
@@ -397,55 +400,90 @@ def path_patch_fast_ld(
     every = torch.arange(B, device=device)
     where = data.at("END" if receivers.kind == "logits" else receivers.position).to(device)  # P per prompt
     take = lambda t: t[every, where]  # noqa: E731  each prompt's value at P: [B, ...]
-    resid0 = take(base.resid0_clean)
+    resid_pre = [take(r) for r in base.resid_pre_clean]  # the clean residual entering each block, at P
     z_clean = [take(z) for z in base.z_clean]
     z_corrupt = [take(z) for z in base.z_corrupt]
     mlp_clean = [take(m) for m in base.mlp_clean]
     sender_on = take(_position_mask(data, sender_position, tuple(data.clean.ids.shape), device))  # [B]
-    token_ids = take(data.clean.ids.to(device))[:, None]  # [B, 1]
     ld = torch.zeros(B, S_all, dtype=base.ld_clean.dtype, device=device)
-    recorded: dict[int, list[Tensor]] = {layer: [] for layer in receivers.layers}  # per chunk [B, S, heads, d]
-    chunks = [senders[i : i + chunk] for i in range(0, S_all, chunk)]
-    bar = tqdm(total=len(chunks) + (0 if receivers.kind == "logits" else B), desc="path patching (fast)",
+    top = L if receivers.kind == "logits" else max(receivers.layers) + 1  # the blocks step 2 must run
+    clean_inputs = {} if receivers.kind == "logits" else _clean_receiver_inputs(model, data, receivers, where)
+    recorded: dict[int, Tensor] = {}  # per receiver layer [B, S_all, heads, d]
+    # senders of one layer share a pass that starts at their layer (at most `chunk` per pass)
+    order = sorted(range(S_all), key=lambda s: senders[s][0])
+    groups: list[list[int]] = []
+    for s in order:
+        if groups and senders[groups[-1][0]][0] == senders[s][0] and len(groups[-1]) < chunk:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    bar = tqdm(total=len(groups) + (0 if receivers.kind == "logits" else B), desc="path patching (fast)",
                disable=not progress, leave=False)
-    for c, group in enumerate(chunks):
-        S = len(group)
-        rep = lambda t: t.repeat_interleave(S, dim=0)  # noqa: E731  row b*S + s: prompt b, sender s
+    for group in groups:
+        S, first = len(group), senders[group[0]][0]
+        rep = lambda t: t.repeat_interleave(S, dim=0)  # noqa: E731  row b*S + s: prompt b, sender group[s]
+        heads = [senders[s][1] for s in group]
 
-        # step 2, one token per (prompt, sender), all prompts at once (frozen heads need no keys)
+        # step 2, one token per (prompt, sender) from the senders' layer: below it the frozen run is the clean run
         def freeze(z, hook, layer):
             frozen = rep(z_clean[layer]).clone()
-            for s, (ls, hs) in enumerate(group):
-                if ls == layer:
+            if layer == first:
+                for s, hs in enumerate(heads):
                     patched = torch.where(sender_on[:, None], z_corrupt[layer][:, hs], z_clean[layer][:, hs])
                     frozen[every * S + s, hs] = patched
             return frozen[:, None]
 
-        hooks: list[tuple[str, Callable]] = [("blocks.0.hook_resid_pre", lambda x, hook: rep(resid0)[:, None])]
-        hooks += [(_z(l), lambda z, hook, l=l: freeze(z, hook, l)) for l in range(L)]
+        hooks: list[tuple[str, Callable]] = [(_z(l), lambda z, hook, l=l: freeze(z, hook, l)) for l in range(first, top)]
         if freeze_mlps:
-            hooks += [(_mlp(l), lambda x, hook, l=l: rep(mlp_clean[l])[:, None]) for l in range(L)]
+            hooks += [(_mlp(l), lambda x, hook, l=l: rep(mlp_clean[l])[:, None]) for l in range(first, top)]
+        h = rep(resid_pre[first])[:, None]
         if receivers.kind == "logits":
-            normed = final_normed(model, rep(token_ids), hooks)
-            ld[:, c * chunk : c * chunk + S] = _two_logit_difference(
-                model, normed, rep(data.answer), rep(data.distractor)).reshape(B, S)
+            with model.bridge.hooks(fwd_hooks=hooks):
+                normed = final_norm(model, run_blocks(model, h, range(first, L))[:, 0])
+            ld[:, group] = _two_logit_difference(model, normed, rep(data.answer), rep(data.distractor)).reshape(B, S)
         else:
             for layer in receivers.layers:
-                def record(x, hook, layer=layer, S=S):
-                    recorded[layer].append(x[:, -1].reshape(B, S, *x.shape[2:]).clone())
+                if layer < first:  # below the senders: the receivers read their clean input
+                    values = clean_inputs[layer][:, None].expand(B, S, *clean_inputs[layer].shape[1:])
+                    recorded.setdefault(layer, torch.empty(B, S_all, *values.shape[2:], dtype=values.dtype,
+                                                           device=device))[:, group] = values
+                    continue
+
+                def record(x, hook, layer=layer, S=S, group=group):
+                    x_at = x[:, -1].reshape(B, S, *x.shape[2:])
+                    recorded.setdefault(layer, torch.empty(B, S_all, *x_at.shape[2:], dtype=x_at.dtype,
+                                                           device=device))[:, group] = x_at
+                    if layer == top - 1:
+                        raise _Stop
                     return x
 
                 hooks.append((_receiver_hook_name(receivers.kind, layer), record))
-            # only the receivers' inputs are needed: stop after their last layer
-            model.bridge.run_with_hooks(rep(token_ids), fwd_hooks=hooks, stop_at_layer=max(receivers.layers) + 1)
+            try:
+                with model.bridge.hooks(fwd_hooks=hooks):
+                    run_blocks(model, h, range(first, top))
+            except _Stop:
+                pass
         bar.update()
     if receivers.kind != "logits":
-        inputs = {layer: torch.cat(parts, dim=1) for layer, parts in recorded.items()}  # [B, S_all, heads, d]
         for b in range(B):
-            ld[b] = _step3_one_prompt(model, data, receivers, inputs, b, int(where[b]), max_rows)
+            ld[b] = _step3_one_prompt(model, data, receivers, recorded, b, int(where[b]), max_rows)
             bar.update()
     bar.close()
     return {sender: ld[:, s] for s, sender in enumerate(senders)}, base
+
+
+def _clean_receiver_inputs(model: Model, data: TaskData, receivers: Receivers, where: Tensor) -> dict[int, Tensor]:
+    """The receivers' clean inputs at P, per receiver layer [B, heads, d] (what a sender above them leaves)."""
+    seen: dict[int, Tensor] = {}
+    rows = torch.arange(len(data), device=model.device)
+
+    def record(x, hook, layer):
+        seen[layer] = x[rows, where].clone()
+        return x
+
+    hooks = [(_receiver_hook_name(receivers.kind, l), lambda x, hook, l=l: record(x, hook, l)) for l in receivers.layers]
+    model.bridge.run_with_hooks(data.clean.ids.to(model.device), fwd_hooks=hooks, stop_at_layer=max(receivers.layers) + 1)
+    return seen
 
 
 def _step3_one_prompt(
