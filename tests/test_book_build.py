@@ -199,13 +199,11 @@ def test_every_chapter_has_two_to_four_exercises_with_difficulty_importance_time
             number = re.match(r"```\{admonition\} Exercise (\d+\.\d+)", cell.source).group(1)
             assert number in instructors, f"the instructors' page does not list exercise {number}"
         assert len(solutions) >= len(exercises), f"{path.name}: an exercise without a solution"
-        for cell in solutions:
-            if cell.cell_type == "code" and any(c is cell for c in solutions):
-                index = nb.cells.index(cell)
-                follows = nb.cells[index + 1] if index + 1 < len(nb.cells) else None
-                if follows is not None and "check" in follows.metadata.get("tags", []):
-                    assert "headcircuits" in cell.metadata and "stub" in cell.metadata["headcircuits"], \
-                        f"{path.name}: a checked solution needs a stub for the student edition"
+        for index, cell in enumerate(nb.cells[:-1]):  # a checker follows its solution, which has a stub
+            if "check" in nb.cells[index + 1].metadata.get("tags", []):
+                assert "solution" in cell.metadata.get("tags", []), f"{path.name}: a checker without a solution"
+                assert "stub" in cell.metadata.get("headcircuits", {}), \
+                    f"{path.name}: a checked solution needs a stub for the student edition"
         for cell in checks:
             assert "exercises.check_" in cell.source
 
@@ -229,3 +227,28 @@ def test_the_student_edition_leaves_out_solutions_and_the_instructor_edition_kee
     assert book.edition(notebook, "instructor") == notebook
     with pytest.raises(ValueError, match="student"):
         book.edition(notebook, "teacher")
+
+
+def test_long_code_cells_are_folded_and_parameters_and_exercises_stay_open():
+    long = "\n".join(f"x{i} = {i}" for i in range(20))
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(long), nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell(long, metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(long, metadata={"tags": ["solution"]}),
+                nbformat.v4.new_code_cell(long, metadata={"tags": ["show-input"]}),
+                nbformat.v4.new_markdown_cell(long)]
+    folded = book.fold_long_cells(json.loads(nbformat.writes(nb)))
+    tags = [c.get("metadata", {}).get("tags", []) for c in folded["cells"]]
+    assert tags == [["hide-input"], [], ["parameters"], ["solution"], ["show-input"], []]
+
+
+def test_every_figure_has_a_caption_and_alt_text():
+    """A cell that draws a figure carries a caption (numbered in the book) and alt text for screen readers."""
+    for path in book.notebooks_in_toc(ROOT):
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type == "code" and "plt.show()" in cell.source:
+                options = cell.metadata.get("mystnb", {})
+                caption = options.get("figure", {}).get("caption", "")
+                alt = options.get("image", {}).get("alt", "")
+                assert len(caption) > 20 and len(alt) > 10, f"{path.name}: a figure without caption or alt text:\n" \
+                                                            f"{cell.source[:120]}"

@@ -278,3 +278,12 @@ def test_papermill_reads_every_parameter_each_notebook_assigns():
         assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
                     for t in node.targets if isinstance(t, ast.Name)}
         assert assigned == set(book.declared_parameters(path)), f"{path.name}: papermill misses some parameters"
+
+
+def test_each_model_keeps_its_colour_in_every_chart():
+    both = plots.model_palette(["smollm2-135m", "gemma-3-270m"])
+    alone = plots.model_palette(["gemma-3-270m"])
+    papers = plots.model_palette(["gpt2-small", "my-model", "smollm2-135m", "other-model"])
+    assert alone["gemma-3-270m"] == both["gemma-3-270m"] != both["smollm2-135m"] == papers["smollm2-135m"]
+    assert len(set(papers.values())) == 4  # a local model takes a colour no zoo model uses
+    assert papers["my-model"] not in [both["smollm2-135m"], both["gemma-3-270m"], papers["gpt2-small"]]

@@ -347,6 +347,24 @@ def edition(notebook: dict, which: str) -> dict:
     return {**notebook, "cells": cells}
 
 
+FOLD_LINES = 12  # code cells longer than this are folded in the book (their outputs stay visible)
+
+
+def fold_long_cells(notebook: dict, lines: int = FOLD_LINES) -> dict:
+    """Long implementation cells folded away in the book (tag ``hide-input``: a reader opens them with one click;
+    their figures and tables stay in view), so the science reads first. The ``parameters`` cell, exercise cells
+    and cells tagged ``show-input`` stay open."""
+    keep_open = {"parameters", "solution", "check", "show-input", "hide-input", "remove-input"}
+    cells = []
+    for cell in notebook["cells"]:
+        source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+        tags = cell.get("metadata", {}).get("tags", [])
+        if cell["cell_type"] == "code" and len(source.splitlines()) > lines and not keep_open & set(tags):
+            cell = {**cell, "metadata": {**cell.get("metadata", {}), "tags": [*tags, "hide-input"]}}
+        cells.append(cell)
+    return {**notebook, "cells": cells}
+
+
 INSTRUCTOR_BANNER = ("```{admonition} Instructor edition\n:class: warning\nThis edition shows the exercises' "
                      "solutions and the checkers' outputs. Give students the student edition.\n```\n\n")
 
@@ -365,7 +383,7 @@ def stage_sources(root: Path, executed: Iterable[Path], stage: Path, which: str 
     (stage / "book" / "notebooks").mkdir(parents=True, exist_ok=True)
     records = records_for(executed)
     for nb, record in zip(executed, records):
-        notebook = edition(json.loads(nb.read_text()), which)
+        notebook = fold_long_cells(edition(json.loads(nb.read_text()), which))
         with_time = {**notebook, "cells": [notebook["cells"][0], _runtime_cell(record), *notebook["cells"][1:]]}
         (stage / "book" / "notebooks" / nb.name).write_text(json.dumps(with_time, indent=1, ensure_ascii=False))
     (stage / "book" / "execution_report.md").write_text(execution_report(records))

@@ -358,10 +358,12 @@ def _prefix_groups(model: Model, data: TaskData, first: int, layers):
             seen["h"] = x[:, -1:].detach().clone()
             return x
 
-        model.bridge.run_with_hooks(ids, fwd_hooks=[(f"blocks.{first}.hook_resid_pre", record)], stop_at_layer=first + 1)
-        # the earlier tokens' keys and values, from the model's own forward pass without the unembedding
-        hf_cache = hf_blocks(model)[0](input_ids=ids[:, :-1], use_cache=True).past_key_values
-        yield index, int(length), seen["h"], {l: (hf_cache.layers[l].keys, hf_cache.layers[l].values) for l in layers}
+        # one pass of the model's own blocks (no unembedding): END's residual entering block `first`, and every
+        # layer's keys and values, of which the earlier tokens' are kept (END's own are recomputed per point)
+        with model.bridge.hooks(fwd_hooks=[(f"blocks.{first}.hook_resid_pre", record)]):
+            hf_cache = hf_blocks(model)[0](input_ids=ids, use_cache=True).past_key_values
+        yield index, int(length), seen["h"], {l: (hf_cache.layers[l].keys[..., :-1, :], hf_cache.layers[l].values[..., :-1, :])
+                                              for l in layers}
 
 
 def _replacement_hooks(channel: Channel, replacement: "ChannelReplacement", values: Tensor) -> list:

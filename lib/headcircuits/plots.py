@@ -28,6 +28,25 @@ def set_theme() -> None:
     plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 110, "figure.figsize": (7.0, 4.0)})
 
 
+# One colour per model in every chart of the book (seaborn's colour-blind palette, by index).
+MODEL_COLOUR_INDEX = {"smollm2-135m": 0, "gemma-3-270m": 1, "gpt2-small": 2, "gpt2-medium": 3, "pythia-160m": 4}
+
+
+def model_palette(names) -> dict[str, tuple[float, float, float]]:
+    """A fixed colour for each model name (the zoo's models always get the same one; other models, e.g. a local
+    folder, the next free colours in the order given): pass as ``palette=`` with ``hue="model"``."""
+    colours = sns.color_palette("colorblind", 10)
+    free = [i for i in range(len(colours)) if i not in MODEL_COLOUR_INDEX.values()]
+    out, extra = {}, 0
+    for name in names:
+        if name in MODEL_COLOUR_INDEX:
+            out[name] = colours[MODEL_COLOUR_INDEX[name]]
+        else:
+            out[name] = colours[free[extra % len(free)]]
+            extra += 1
+    return out
+
+
 def _book_mode() -> bool:
     return os.environ.get(BOOK_ENV, "") not in ("", "0")
 
