@@ -384,10 +384,10 @@ def path_patch_fast_ld(
     is the clean one. Step 2 is therefore a one-token pass per (prompt, sender) that starts at the sender's layer
     from the clean residual entering it at P (the model's own blocks, :func:`headcircuits.models.blocks.run_blocks`)
     and whose heads output their frozen values at P; the senders of one layer share a pass (at most ``chunk``).
-    Receivers below a sender's layer read their clean input. In step 3 only the receivers' inputs at P change, so every position before P, and every layer below
-    the lowest receiver at every position, is the clean run: per prompt, a pass over its tokens P..END on top of
-    the clean prefix's key/value cache, one copy up to the lowest receiver layer, then widened to one row per
-    sender (at most ``max_rows`` at a time). The unembedding is skipped: the logit difference needs two columns.
+    Receivers below a sender's layer read their clean input. In step 3 only the receivers' inputs at P change, so
+    every position before P, and every layer below the lowest receiver at every position, is the clean run: per
+    prompt, a pass over its tokens P..END on top of the clean prefix's key/value cache, one copy up to the lowest
+    receiver layer, then widened to one row per sender (at most ``max_rows`` at a time). The unembedding is skipped: the logit difference needs two columns.
     Agreement with the reference is tested on every tiny family for logits and q / k / v receivers.
     """
     receivers.check(model, data)
