@@ -415,3 +415,6 @@ def test_several_value_sets_share_one_pass(tiny):
     both = channels.end_logits_under(tiny, data, channel, [a, b])
     assert torch.allclose(both[0], channels.end_logits_under(tiny, data, channel, a))
     assert torch.allclose(both[1], channels.end_logits_under(tiny, data, channel, b))
+    plain, *edited = channels.end_logits_under(tiny, data, channel, [None, a])  # None: the unedited logits
+    assert (plain - metrics.end_logits(tiny, data)).abs().max() < 1e-4
+    assert torch.allclose(edited[0], both[0])

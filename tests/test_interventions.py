@@ -82,6 +82,28 @@ def test_repair_table_has_the_baseline_the_named_sets_and_the_controls(tiny, co_
     assert len(set(table.heads[3:])) == 3  # distinct random draws
 
 
+def test_the_end_only_repair_equals_full_forward_passes(tiny, co_data):
+    """The default engine (earlier tokens once, END alone per condition from the lowest forced layer) against one
+    full hooked pass per condition: the same per-prompt logit differences and choices (prompts of several lengths
+    go through the same engine in test_channels' END-only tests)."""
+    data = co_data(tiny)
+    sets = {"inhibition": ((1, 0), (2, 1)), "negative mover": ((2, 3),)}
+    fast, fast_tables = interventions.repair(tiny, data, sets, n_controls=2, strength=0.8, per_prompt=True)
+    full, full_tables = interventions.repair(tiny, data, sets, n_controls=2, strength=0.8, per_prompt=True,
+                                             engine="full")
+    assert list(fast.heads) == list(full.heads) and list(fast_tables) == list(full_tables)
+    for label in full_tables:
+        a, b = fast_tables[label], full_tables[label]
+        assert (a.logit_diff - b.logit_diff).abs().max() < 1e-4, label
+        assert a.candidate_choice.tolist() == b.candidate_choice.tolist()
+    moved = (fast_tables["inhibition"].logit_diff - fast_tables["none"].logit_diff).abs().max()
+    assert moved > 1e-2  # the forcing does something the comparison can see
+    with pytest.raises(ValueError, match="engine"):
+        interventions.repair(tiny, data, sets, engine="fast")
+    with pytest.raises(ValueError, match="END alone"):
+        interventions.ForcedAttention(((1, 0),), KEYS, query="ANSWER_COLOR").end_hooks(data)
+
+
 def test_controls_exclude_the_circuit_and_widen_a_small_pool():
     """Gemma-3 has 4 heads per layer: after excluding the circuit, the layers the forced heads span may not hold
     enough heads for distinct draws; the pool then widens, and no draw ever contains an excluded head."""

@@ -196,6 +196,8 @@ def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     list_page = (html / "book" / "notebooks" / "06_laundry_list.html").read_text()
     assert f"{value('06_laundry_list', 'n_per_length')} prompts per N" in list_page
     assert "the oracle fix" in list_page.lower() and "held out" in list_page
+    own_page = (html / "book" / "notebooks" / "07_your_own_task.html").read_text()
+    assert "full names" in own_page and "every effect is exactly 0" in own_page and "VocabularyError" in own_page
     intro = (html / "book" / "intro.html").read_text()
     assert "CC BY 4.0" in intro and "MIT licence" in intro  # the footer states both licences
     for page in ("glossary", "instructors", "running", "execution_report", "references"):

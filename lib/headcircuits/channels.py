@@ -37,7 +37,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headcircuits.models.blocks import final_norm, hf_blocks, run_blocks
+from headcircuits.metrics import end_only_logits, prefix_groups
+from headcircuits.models.blocks import run_blocks
 from headcircuits.models.core import Head, Model
 from headcircuits.svd import fix_signs
 from headcircuits.tasks.base import TaskData
@@ -321,49 +322,8 @@ class ChannelReplacement:
 
 # --- the traversal of Talking Heads §5.2: only END changes, so only END is recomputed ------------------------------
 
-class _Prefix:
-    """A key/value cache of a prompt's tokens before END, per layer, read but never extended: every grid point
-    reuses it (duck-typed on the one method HuggingFace's attention calls)."""
-
-    def __init__(self, kv: dict[int, tuple[Tensor, Tensor]], length: int):
-        self.kv, self.length = kv, length
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = self.kv[layer_idx]
-        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
-
-
 class _Stop(Exception):
     """Raised by the mover's pattern hook: nothing above it is needed."""
-
-
-def _prefix_groups(model: Model, data: TaskData, first: int, layers):
-    """Per group of prompts of one length: their indices, the length, END's residual stream entering block
-    ``first`` ([n, 1, d_model]) and the cached keys and values of the earlier tokens for ``layers``."""
-    if not bool((data.at("END") == data.clean.lengths - 1).all()):
-        raise ValueError("END must be each prompt's last token")
-    window = getattr(hf_blocks(model)[0].config, "sliding_window", None)
-    if window and model.facts.family == "gemma3" and int(data.clean.lengths.max()) > window:
-        raise ValueError(f"prompts longer than the sliding window ({window}) are not supported here")
-    lengths = data.clean.lengths
-    for length in lengths.unique().tolist():
-        index = (lengths == length).nonzero().flatten()
-        ids = data.clean.ids[index, :length].to(model.device)
-        seen: dict[str, Tensor] = {}
-
-        def record(x, hook):
-            seen["h"] = x[:, -1:].detach().clone()
-            return x
-
-        # one pass of the model's own blocks (no unembedding): END's residual entering block `first`, and every
-        # layer's keys and values, of which the earlier tokens' are kept (END's own are recomputed per point)
-        with model.bridge.hooks(fwd_hooks=[(f"blocks.{first}.hook_resid_pre", record)]):
-            hf_cache = hf_blocks(model)[0](input_ids=ids, use_cache=True).past_key_values
-        yield index, int(length), seen["h"], {l: (hf_cache.layers[l].keys[..., :-1, :], hf_cache.layers[l].values[..., :-1, :])
-                                              for l in layers}
 
 
 def _replacement_hooks(channel: Channel, replacement: "ChannelReplacement", values: Tensor) -> list:
@@ -413,15 +373,14 @@ def traverse(
     out = torch.zeros(len(points), len(data), len(keys))
     key_pos = torch.stack([data.at(k) for k in keys], dim=1)  # [batch, key], validated
     bar = tqdm(total=len(points) * len(data), desc="traversal", disable=not progress, unit="prompt")
-    for index, length, h, prefix in _prefix_groups(model, data, first, layers):
+    for index, length, h, prefix in prefix_groups(model, data, first, layers):
         n = len(index)
         per_run = max(1, rows_per_run // n)
         for start in range(0, len(points), per_run):
             chunk = points[start:start + per_run].reshape(-1, len(channel.heads), channel.per_head)
             p = len(chunk)
             values = chunk.repeat_interleave(n, dim=0).to(model.device)  # row = point * n + prompt
-            cache = _Prefix({l: (k.repeat(p, 1, 1, 1), v.repeat(p, 1, 1, 1)) for l, (k, v) in prefix.items()},
-                            length - 1)
+            cache = prefix.repeat(p)
             pattern: dict[str, Tensor] = {}
 
             def read(pat, hook):
@@ -450,25 +409,24 @@ def end_logits_under(
     computed like :func:`traverse`: each prompt's earlier tokens once, then END alone from the lowest channel layer
     to the unembedding (tested equal to :func:`headcircuits.metrics.end_logits` under the same replacement). Used
     for the oracle fix, where every prompt gets the point of its own answer. A list of value tensors gives a list
-    of logits, all from one pass over the earlier tokens."""
-    from headcircuits.metrics import unembed
-
+    of logits, all from one pass over the earlier tokens (:func:`headcircuits.metrics.end_only_logits`); ``None``
+    in the list gives the unedited logits (the "before" of the fix) from the same pass."""
     several = isinstance(values, (list, tuple))
-    sets = [torch.as_tensor(v, dtype=torch.float32).reshape(-1, len(channel.heads), channel.per_head)
+    sets = [None if v is None else torch.as_tensor(v, dtype=torch.float32).reshape(-1, len(channel.heads), channel.per_head)
             for v in (values if several else [values])]
     for v in sets:
-        if v.shape[0] not in (1, len(data)):
+        if v is not None and v.shape[0] not in (1, len(data)):
             raise ValueError(f"values has {v.shape[0]} rows; give one, or one per prompt ({len(data)})")
-    replacement = ChannelReplacement(channel, sets[0][:1], "END", mode)
-    first = min(l for l, _ in channel.heads)
-    layers = range(first, model.facts.n_layers)
-    out = [torch.zeros(len(data), model.facts.d_vocab) for _ in sets]
-    for index, length, h, prefix in _prefix_groups(model, data, first, layers):
-        for logits, v in zip(out, sets):
+    replacement = ChannelReplacement(channel, torch.zeros(1, len(channel.heads), channel.per_head), "END", mode)
+
+    def condition(v):
+        def hooks(index):
             rows = (v if v.shape[0] == 1 else v[index]).expand(len(index), -1, -1).to(model.device)
-            with model.bridge.hooks(fwd_hooks=_replacement_hooks(channel, replacement, rows)):
-                h_end = run_blocks(model, h, layers, _Prefix(prefix, length - 1), length - 1)
-            logits[index] = unembed(model, final_norm(model, h_end)[:, 0]).float().cpu()
+            return _replacement_hooks(channel, replacement, rows)
+        return None if v is None else hooks
+
+    first = min(l for l, _ in channel.heads)
+    out = end_only_logits(model, data, first, [condition(v) for v in sets])
     return out if several else out[0]
 
 

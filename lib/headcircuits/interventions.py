@@ -88,6 +88,30 @@ class ForcedAttention:
 
         return hooks
 
+    def end_hooks(self, data: TaskData) -> metrics.EndHooks:
+        """The same intervention for the END-only engine (:func:`headcircuits.metrics.end_only_logits`), where
+        each pattern has END's query row only. The query must be END, each prompt's last token."""
+        if self.query != "END":
+            raise ValueError(f"the END-only engine recomputes END alone; query is {self.query!r}")
+        self.hooks_for(data)  # validates the positions
+        key_pos = torch.stack([data.at(k) for k in self.keys], 1)
+        by_layer: dict[int, list[int]] = {}
+        for layer, head in self.heads:
+            by_layer.setdefault(layer, []).append(head)
+
+        def hooks(index: Tensor) -> list:
+            def force(pattern, hook, heads):
+                pattern = pattern.clone()
+                keys = key_pos[index].to(pattern.device)
+                for h in heads:
+                    pattern[:, h, 0] = forced_row(pattern[:, h, 0], keys, self.strength)
+                return pattern
+
+            return [(f"blocks.{layer}.attn.hook_pattern", lambda p, hook, heads=heads: force(p, hook, heads))
+                    for layer, heads in sorted(by_layer.items())]
+
+        return hooks
+
 
 @dataclass(frozen=True)
 class ResidualAddition:
@@ -186,6 +210,7 @@ def repair(
     seed: int = 0,
     batch_size: int = 32,
     per_prompt: bool = False,
+    engine: str = "end-only",
 ) -> pd.DataFrame | tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Accuracy and logit difference of the task with no intervention, with each named head set forced onto
     ``keys`` at END, and with ``n_controls`` distinct random head sets of the size of the largest named set
@@ -195,21 +220,14 @@ def repair(
     One row per condition: ``condition``, ``heads``, ``top1_accuracy``, ``candidate_accuracy`` (among the three
     listed colours), ``logit_diff_mean`` and their standard errors; controls have ``condition='random k'`` and
     ``pool`` names the layers they were drawn from. ``per_prompt=True`` also returns each condition's
-    :func:`headcircuits.metrics.evaluate` table (controls as ``random k #i``), for paired comparisons."""
-    rows = []
-    tables: dict[str, pd.DataFrame] = {}
+    :func:`headcircuits.metrics.evaluate` table (controls as ``random k #i``), for paired comparisons.
 
-    def run(condition: str, chosen: tuple[Head, ...]) -> None:
-        hooks = ForcedAttention(chosen, keys, strength=strength).hooks_for(data) if chosen else None
-        table = metrics.evaluate(model, data, batch_size=batch_size, hooks_for=hooks)
-        label = condition if condition not in tables else f"{condition} #{sum(k.startswith(condition) for k in tables)}"
-        tables[label] = table
-        rows.append({"condition": condition, "heads": " ".join(f"{l}.{h}" for l, h in chosen),
-                     **metrics.summarise(table)})
-
-    run("none", ())
-    for name, chosen in heads.items():
-        run(name, tuple(chosen))
+    ``engine="end-only"`` (default): the forcing changes END's computation only, so every prompt's earlier tokens
+    run once and END alone is rerun per condition from the lowest forced layer
+    (:func:`headcircuits.metrics.end_only_logits`; needs END to be the last token); ``"full"``: one full forward
+    pass per condition, in batches of ``batch_size``. Both give the same tables (tested)."""
+    conditions: list[tuple[str, tuple[Head, ...], str | None]] = [("none", (), None)]
+    conditions += [(name, tuple(chosen), None) for name, chosen in heads.items()]
     named = {h for chosen in heads.values() for h in chosen}
     size = max((len(c) for c in heads.values()), default=0)
     if size and n_controls:
@@ -217,9 +235,25 @@ def repair(
         draws, layers = control_heads(model.facts.n_layers, model.facts.n_heads, size, n_controls,
                                       exclude=named | set(exclude),
                                       layers=control_layers or range(spanned[0], spanned[-1] + 1), seed=seed)
-        for chosen in draws:
-            run(f"random {size}", chosen)
-            rows[-1]["pool"] = f"layers {layers.start}-{layers.stop - 1}, excluding {len(named | set(exclude))} heads"
+        pool = f"layers {layers.start}-{layers.stop - 1}, excluding {len(named | set(exclude))} heads"
+        conditions += [(f"random {size}", chosen, pool) for chosen in draws]
+    forcings = [ForcedAttention(chosen, keys, strength=strength) if chosen else None for _, chosen, _ in conditions]
+    if engine == "end-only":
+        first = min((l for f in forcings if f for l, _ in f.heads), default=model.facts.n_layers - 1)
+        logits = metrics.end_only_logits(model, data, first, [f.end_hooks(data) if f else None for f in forcings])
+        tables_of = [metrics.evaluate(model, data, logits=l) for l in logits]
+    elif engine == "full":
+        tables_of = [metrics.evaluate(model, data, batch_size=batch_size, hooks_for=f.hooks_for(data) if f else None)
+                     for f in forcings]
+    else:
+        raise ValueError(f"engine must be 'end-only' or 'full', not {engine!r}")
+    rows = []
+    tables: dict[str, pd.DataFrame] = {}
+    for (condition, chosen, pool), table in zip(conditions, tables_of):
+        label = condition if condition not in tables else f"{condition} #{sum(k.startswith(condition) for k in tables)}"
+        tables[label] = table
+        rows.append({"condition": condition, "heads": " ".join(f"{l}.{h}" for l, h in chosen),
+                     **metrics.summarise(table), **({"pool": pool} if pool else {})})
     frame = pd.DataFrame(rows)
     return (frame, tables) if per_prompt else frame
 

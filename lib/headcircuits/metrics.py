@@ -93,6 +93,47 @@ def end_logits(
     return torch.cat(out)
 
 
+#: END-only hooks for a group of prompts (their indices in the TaskData), applied to END alone: every activation
+#: the hooks see has one position (attention patterns: one query row over all the prompt's positions)
+EndHooks = Callable[[Tensor], list]
+
+
+def prefix_groups(model: Model, data: TaskData, first: int, layers):
+    """Per group of prompts of one length: their indices, the length, END's residual stream entering block
+    ``first`` ([n, 1, d_model]) and the earlier tokens' cached keys and values for ``layers``
+    (:func:`headcircuits.models.blocks.prefix_pass`). END must be every prompt's last token."""
+    from headcircuits.models.blocks import prefix_pass
+
+    if not bool((data.at("END") == data.clean.lengths - 1).all()):
+        raise ValueError("END must be each prompt's last token for the END-only engine")
+    lengths = data.clean.lengths
+    for length in lengths.unique().tolist():
+        index = (lengths == length).nonzero().flatten()
+        h, prefix = prefix_pass(model, data.clean.ids[index, :length], first, layers)
+        yield index, int(length), h, prefix
+
+
+@torch.no_grad()
+def end_only_logits(
+    model: Model, data: TaskData, first: int, conditions: list[EndHooks | None],
+) -> list[Float[Tensor, "batch vocab"]]:
+    """END's logits under each of several interventions that change END's computation only, from block ``first``
+    up (e.g. forcing a head's attention at END, setting its output at END): each prompt's earlier tokens run once,
+    then END alone goes from block ``first`` to the unembedding once per condition, over the cached keys and
+    values of the earlier tokens. Exact (tested equal to :func:`end_logits` with the same intervention on every
+    tiny family); a condition of ``None`` gives the unedited logits. Returned on the CPU, in the data's order."""
+    from headcircuits.models.blocks import final_norm, run_blocks
+
+    layers = range(first, model.facts.n_layers)
+    out = [torch.zeros(len(data), model.facts.d_vocab) for _ in conditions]
+    for index, length, h, prefix in prefix_groups(model, data, first, layers):
+        for logits, hooks_of in zip(out, conditions):
+            with model.bridge.hooks(fwd_hooks=hooks_of(index) if hooks_of else []):
+                h_end = run_blocks(model, h, layers, prefix, length - 1)
+            logits[index] = unembed(model, final_norm(model, h_end)[:, 0]).float().cpu()
+    return out
+
+
 def candidate_logits(end_logits: Float[Tensor, "batch vocab"], candidates: Int[Tensor, "batch cand"]) -> Float[Tensor, "batch cand"]:
     """Logits of each prompt's listed candidates; padding (-1) gets -inf."""
     picked = end_logits.gather(1, candidates.clamp(min=0))

@@ -1,8 +1,10 @@
 """The model's own transformer blocks, run on a residual stream directly (hooks and all).
 
-Two exact engines start part-way up the model instead of at the embedding: Talking Heads' END-only traversal
-(:mod:`headcircuits.channels`, one token over the earlier tokens' cached keys and values) and the fast path
-patching's step 2 (:mod:`headcircuits.patching`, one token with every head frozen, from the sender's layer).
+Two exact engines start part-way up the model instead of at the embedding: the END-only engine (one token over
+the earlier tokens' cached keys and values, :func:`prefix_pass`; used by Talking Heads' traversal and fix in
+:mod:`headcircuits.channels` and by the repair in :mod:`headcircuits.interventions`, through
+:func:`headcircuits.metrics.end_only_logits`) and the fast path patching's step 2 (:mod:`headcircuits.patching`,
+one token with every head frozen, from the sender's layer).
 TransformerLens' ``start_at_layer`` still runs the lower blocks (and discards them), so it saves nothing; these
 helpers call the Hugging Face blocks that the bridge wraps, whose hook points fire as in a full pass.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from headcircuits.models.core import Model
@@ -59,3 +61,45 @@ def run_blocks(
                         use_cache=use_cache)
         h = out[0] if isinstance(out, tuple) else out
     return h
+
+
+class PrefixCache:
+    """A key/value cache of a prompt's tokens before END, per layer, read but never extended: every rerun of END
+    reuses it (duck-typed on the one method Hugging Face's attention calls)."""
+
+    def __init__(self, kv: dict[int, tuple[Tensor, Tensor]], length: int):
+        self.kv, self.length = kv, length
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.kv[layer_idx]
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def repeat(self, times: int) -> "PrefixCache":
+        """The same cache for ``times`` copies of every row (row ``copy * n + prompt``)."""
+        return PrefixCache({l: (k.repeat(times, 1, 1, 1), v.repeat(times, 1, 1, 1)) for l, (k, v) in self.kv.items()},
+                           self.length)
+
+
+@torch.no_grad()
+def prefix_pass(
+    model: Model, ids: Int[Tensor, "batch pos"], first: int, layers: Iterable[int],
+) -> tuple[Float[Tensor, "batch 1 d_model"], PrefixCache]:
+    """One pass of the model's own blocks (no unembedding) over prompts of one length: the last token's residual
+    stream entering block ``first``, and the earlier tokens' keys and values for ``layers`` (the last token's own
+    are recomputed by every rerun, with :func:`run_blocks` at position ``length - 1``)."""
+    window = getattr(hf_blocks(model)[0].config, "sliding_window", None)
+    if window and model.facts.family == "gemma3" and ids.shape[1] > window:
+        raise ValueError(f"prompts longer than the sliding window ({window}) are not supported by the END-only engine")
+    seen: dict[str, Tensor] = {}
+
+    def record(x, hook):
+        seen["h"] = x[:, -1:].detach().clone()
+        return x
+
+    with model.bridge.hooks(fwd_hooks=[(f"blocks.{first}.hook_resid_pre", record)]):
+        hf_cache = hf_blocks(model)[0](input_ids=ids.to(model.device), use_cache=True).past_key_values
+    kv = {l: (hf_cache.layers[l].keys[..., :-1, :], hf_cache.layers[l].values[..., :-1, :]) for l in layers}
+    return seen["h"], PrefixCache(kv, ids.shape[1] - 1)
