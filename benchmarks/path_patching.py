@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/path_patching.py [--prompts 16] [--layers 6] [--receivers logits|q|v|k]
 
 Each method runs in its own process so its peak memory (max RSS) is its own. Prints both times, the speed-up
-(target >= 10x), the peak memory and the largest difference between the two [layer, head] tables.
+(issue 14's targets: at least 20x for q, k and v receivers, 100x into the logits), the peak memory and the
+largest difference between the two [layer, head] tables.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def main() -> None:
     ref, fast = results["reference"], results["fast"]
     diff = max(abs(a - b) for ra, rb in zip(ref["table"], fast["table"]) for a, b in zip(ra, rb))
     print(f"receivers: {ref['receivers']}")
-    print(f"speed-up: {ref['seconds'] / fast['seconds']:.1f}x (target >= 10x); max |difference| of normalised "
+    target = "100x" if args.receivers == "logits" else "20x"
+    print(f"speed-up: {ref['seconds'] / fast['seconds']:.1f}x (target >= {target}); max |difference| of normalised "
           f"effects: {diff:.2e}")
 
 

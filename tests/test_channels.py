@@ -302,7 +302,7 @@ def _mover_attention_plain(model, data, replacement, mover, keys):
 
 
 @pytest.mark.parametrize("mode", ["replace", "set"])
-def test_the_traversal_equals_the_plain_hooked_forward_pass(tiny, mode):
+def test_the_traversal_equals_the_plain_hooked_forward_pass(tiny, mode, monkeypatch):
     """channels.traverse recomputes END only, from the lowest channel layer to the mover, on a cached prefix; at
     every grid point it must give the mover's attention of the full hooked run (prompts of several lengths, so
     several length groups; heads in two layers)."""
@@ -319,6 +319,17 @@ def test_the_traversal_equals_the_plain_hooked_forward_pass(tiny, mode):
         plain = _mover_attention_plain(tiny, data, channels.ChannelReplacement(channel, point, mode=mode), mover, keys)
         assert (fast[i] - plain).abs().max() < 1e-5, f"point {i}"
     assert (fast[1] - fast[2]).abs().max() > 1e-4  # the points differ: the replacement reaches the mover
+    # another channel with the same lowest layer reuses the prompts' pass, and is still exact
+    from headcircuits.models import blocks
+
+    calls, prefix_pass = [], blocks.prefix_pass
+    monkeypatch.setattr(blocks, "prefix_pass", lambda *a, **k: calls.append(1) or prefix_pass(*a, **k))
+    other = channels.Channel.pick(w, {(0, 2): [1], (1, 0): [0], (1, 1): [2]}, offsets=svd.value_offsets(tiny))
+    again = channels.traverse(tiny, data, other, points, mover, keys, mode=mode, progress=False)
+    assert calls == []
+    for i, point in enumerate(points):
+        plain = _mover_attention_plain(tiny, data, channels.ChannelReplacement(other, point, mode=mode), mover, keys)
+        assert (again[i] - plain).abs().max() < 1e-5, f"point {i}, second channel"
     high = channels.Channel.pick(w, {(1, 2): [1]})
     with pytest.raises(ValueError, match="below the channel"):
         channels.traverse(tiny, data, high, points[:, :1], (0, 0), keys, progress=False)

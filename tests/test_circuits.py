@@ -193,8 +193,11 @@ def test_a_stage_that_is_zero_by_construction_is_not_computed_and_is_zero(tiny):
     abc = ioi.generate(tiny, 4, seed=0, counterfactual="abc")
     assert not patching.zero_by_construction(abc, "S1+1")
     receivers = patching.Receivers("k", heads=((2, 0), (2, 1)), position="S1+1")
-    computed = patching.path_patch(tiny, data, receivers, progress=False)
-    assert computed.nan_to_num(0.0).abs().max() < 1e-5  # zero up to float32 rounding of a separate run
+    computed = patching.path_patch(tiny, data, receivers, progress=False).nan_to_num(0.0).abs().max()
+    # zero up to float32 rounding, and far below the same stage's effects on the ABC counterfactual (which are
+    # small on these random models: about 1e-4 on tiny-gpt2)
+    on_abc = patching.path_patch(tiny, abc, receivers, progress=False).nan_to_num(0.0).abs().max()
+    assert computed < 5e-6 and on_abc > 50 * computed, (computed, on_abc)
     stages = (circuits.Stage("movers", "logits"), circuits.Stage("previous", "k", "S1+1"))
     circuit = circuits.discover(tiny, data, stages, fraction=0.25, min_effect=0.0, cache=False, progress=False)
     assert "exactly 0" in circuit.notes["previous"] and not circuit.stage("previous")

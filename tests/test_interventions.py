@@ -406,3 +406,45 @@ def test_a_residual_addition_changes_only_its_position_from_its_layer_on(tiny):
     assert (added[-1][rows, data.at("END")] - plain[-1][rows, data.at("END")]).abs().max() > 1e-4
     zero = run(interventions.ResidualAddition(1, "IO", torch.zeros(tiny.facts.d_model)).hooks_for(data)(0, len(data)))
     assert all(torch.equal(a, b) for a, b in zip(plain, zero))
+
+
+def _attention_full_pass(model, data, head, query, keys, hooks):
+    """The plain reference: one hooked forward pass of the whole model per batch, the head's pattern recorded."""
+    layer, index = head
+    seen, out = {}, []
+    for batch in data.batches(64, device=model.device):
+        model.bridge.run_with_hooks(batch.ids, fwd_hooks=[*hooks, (f"blocks.{layer}.attn.hook_pattern",
+                                                                   lambda p, hook: seen.__setitem__("p", p[:, index]))])
+        out.append(interventions.attention_at(seen["p"], batch.at(query), [batch.at(k) for k in keys]).float().cpu())
+    return torch.cat(out)
+
+
+def test_attention_per_prompt_starts_at_the_lowest_edit_and_equals_the_full_pass(tiny):
+    """The run starts at the lowest hooked block (from the clean residual entering it) or the head's own block;
+    against the full hooked pass, for a weight edit, a residual addition, no hooks and a hook outside the blocks,
+    on prompts of several lengths (right padding)."""
+    data = ioi.generate(tiny, 10, seed=3)
+    assert len(data.clean.lengths.unique()) > 1
+    w, mover = svd.from_model(tiny), (2, 1)
+    vector = torch.randn(tiny.facts.d_model) * 3
+    cases = {
+        "none": [],
+        "weight edit at 1": interventions.weight_edit(tiny, w, (1, 2), zero=[0, 1]).hooks(),
+        "addition after 0": interventions.ResidualAddition(0, "S1", vector).hooks_for(data)(0, len(data)),
+        "embedding": [("hook_embed", lambda x, hook: x * 1.5)],
+    }
+    plain = _attention_full_pass(tiny, data, mover, "END", ["IO", "S1"], [])
+    for label, hooks in cases.items():
+        fast = interventions.attention_per_prompt(tiny, data, mover, "END", ["IO", "S1"], hooks)
+        full = _attention_full_pass(tiny, data, mover, "END", ["IO", "S1"], hooks)
+        gap = (fast - full).abs().max()
+        assert gap < 1e-7, label
+        if label != "none":  # the edit changes what the comparison sees, far beyond the gap
+            assert (full - plain).abs().max() > max(1e-6, 100 * gap), label
+    # the clean residual is reused for the same model and prompts, and recomputed when a weight changes in place
+    first = interventions.residuals_entering(tiny, data, 1)
+    assert interventions.residuals_entering(tiny, data, 1) is first
+    weight = next(tiny.bridge.parameters())
+    with torch.no_grad():
+        weight.mul_(1.0)
+    assert interventions.residuals_entering(tiny, data, 1) is not first

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 
 import pandas as pd
@@ -339,24 +340,71 @@ def attention_at(
     return torch.stack([pattern[rows, q, k.to(pattern.device)] for k in keys], dim=-1)
 
 
+_HOOKED_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _lowest_hooked_layer(hooks: list) -> int | None:
+    """The lowest block any of ``hooks`` sits in (``None`` without hooks); 0 for a hook outside the blocks."""
+    layers = [_HOOKED_LAYER.match(name) for name, _ in hooks]
+    return min((int(m.group(1)) if m else 0 for m in layers), default=None)
+
+
+@torch.no_grad()
+def residuals_entering(model: Model, data: TaskData, layer: int, batch_size: int = 64) -> list[Tensor]:
+    """The clean residual stream entering block ``layer`` (``blocks.{layer}.hook_resid_pre``), per batch of
+    ``data.batches(batch_size)``, on the model's device; kept for the next calls on the same model, prompts and
+    layer (:func:`headcircuits.metrics.recent`): every edit at or above ``layer`` starts from it
+    (:func:`attention_per_prompt`)."""
+    def compute() -> list[Tensor]:
+        out: list[Tensor] = []
+        for batch in data.batches(batch_size, device=model.device):
+            def record(x, hook):
+                out.append(x.detach().clone())
+                raise metrics._Stop
+            try:
+                model.bridge.run_with_hooks(batch.ids, fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", record)])
+            except metrics._Stop:
+                pass
+        return out
+
+    return metrics.recent(model, data, ("residual entering", layer, batch_size), compute)
+
+
 @torch.no_grad()
 def attention_per_prompt(
     model: Model, data: TaskData, head: Head, query: str, keys: list[str], hooks: list | None = None,
     batch_size: int = 64,
 ) -> Float[Tensor, "batch n_keys"]:
     """``head``'s attention from ``query`` to each of ``keys``, per prompt (with ``hooks``, e.g. a weight edit, in
-    the same run; the run stops after the head's layer)."""
+    the same run).
+
+    Nothing below the lowest hooked block (or below the head's own block, without hooks) differs from the clean
+    run, so the run starts there, from the clean residual stream entering it (:func:`residuals_entering`, computed
+    once per prompts and layer), and stops at the head's pattern (:func:`headcircuits.models.blocks.run_sequence`;
+    tested equal to the full hooked pass on every tiny family). Hooks outside the blocks run the whole model."""
+    from headcircuits.models.blocks import run_sequence
+
     layer, index = head
+    hooks = list(hooks or [])
+    first = min(layer, _lowest_hooked_layer(hooks) if hooks else layer)
     seen: dict[str, Tensor] = {}
 
     def record(pattern, hook):
         seen["p"] = pattern[:, index].detach().clone()
-        return pattern
+        raise metrics._Stop
 
     out = []
-    for batch in data.batches(batch_size, device=model.device):
-        model.bridge.run_with_hooks(batch.ids, fwd_hooks=[*(hooks or []), (f"blocks.{layer}.attn.hook_pattern", record)],
-                                    stop_at_layer=layer + 1)
+    starts = residuals_entering(model, data, first, batch_size) if first > 0 else None
+    for i, batch in enumerate(data.batches(batch_size, device=model.device)):
+        run = hooks + [(f"blocks.{layer}.attn.hook_pattern", record)]
+        try:
+            if starts is None:
+                model.bridge.run_with_hooks(batch.ids, fwd_hooks=run)
+            else:
+                with model.bridge.hooks(fwd_hooks=run):
+                    run_sequence(model, starts[i], range(first, layer + 1))
+        except metrics._Stop:
+            pass
         out.append(attention_at(seen["p"], batch.at(query), [batch.at(k) for k in keys]).float().cpu())
     return torch.cat(out)
 

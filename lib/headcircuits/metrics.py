@@ -98,19 +98,45 @@ def end_logits(
 EndHooks = Callable[[Tensor], list]
 
 
-def prefix_groups(model: Model, data: TaskData, first: int, layers):
+_RECENT: list[tuple] = []  # (model, data, key, versions, value), most recent first
+
+
+def recent(model: Model, data: TaskData, key: tuple, compute: Callable, keep: int = 4):
+    """``compute()``, or its value from one of the ``keep`` most recent calls with the same model and prompts
+    (the same objects) and ``key``: a clean activation that several interventions in a row start from. Changing
+    the weights or the prompts in place bumps their tensors' version counters, which are part of the key."""
+    versions = (sum(p._version for p in model.bridge.parameters()), data.clean.ids._version)
+    for entry in _RECENT:
+        if entry[0] is model and entry[1] is data and entry[2] == key and entry[3] == versions:
+            return entry[4]
+    value = compute()
+    _RECENT.insert(0, (model, data, key, versions, value))
+    del _RECENT[keep:]
+    return value
+
+
+def prefix_groups(model: Model, data: TaskData, first: int, layers, *, reuse: bool = False):
     """Per group of prompts of one length: their indices, the length, END's residual stream entering block
     ``first`` ([n, 1, d_model]) and the earlier tokens' cached keys and values for ``layers``
-    (:func:`headcircuits.models.blocks.prefix_pass`). END must be every prompt's last token."""
+    (:func:`headcircuits.models.blocks.prefix_pass`). END must be every prompt's last token. ``reuse``: keep the
+    groups in memory (:func:`recent`) for the next call on the same prompts and layers (e.g. the traversals of
+    several channels of one layer), instead of computing them one length at a time."""
     from headcircuits.models.blocks import prefix_pass
 
     if not bool((data.at("END") == data.clean.lengths - 1).all()):
         raise ValueError("END must be each prompt's last token for the END-only engine")
     lengths = data.clean.lengths
-    for length in lengths.unique().tolist():
-        index = (lengths == length).nonzero().flatten()
-        h, prefix = prefix_pass(model, data.clean.ids[index, :length], first, layers)
-        yield index, int(length), h, prefix
+
+    def groups():
+        for length in lengths.unique().tolist():
+            index = (lengths == length).nonzero().flatten()
+            h, prefix = prefix_pass(model, data.clean.ids[index, :length], first, layers)
+            yield index, int(length), h, prefix
+
+    if not reuse:
+        yield from groups()
+        return
+    yield from recent(model, data, ("prefix", first, tuple(layers)), lambda: list(groups()), keep=2)
 
 
 @torch.no_grad()

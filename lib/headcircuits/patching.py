@@ -28,7 +28,6 @@ keys and values. ``kv="group"`` patches the shared K/V head, which every query h
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -36,9 +35,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headcircuits.metrics import _Stop, final_normed, logit_difference, logits_at, unembed
+from headcircuits.metrics import _Stop, logit_difference, logits_at, unembed
 from headcircuits.models import ungrouped
-from headcircuits.models.blocks import final_norm, run_blocks
+from headcircuits.models.blocks import PrefixCache, clean_pass, final_norm, run_blocks, run_sequence
 from headcircuits.models.core import Head, Model
 from headcircuits.progress import tqdm
 from headcircuits.tasks.base import TaskData
@@ -385,9 +384,11 @@ def path_patch_fast_ld(
     from the clean residual entering it at P (the model's own blocks, :func:`headcircuits.models.blocks.run_blocks`)
     and whose heads output their frozen values at P; the senders of one layer share a pass (at most ``chunk``).
     Receivers below a sender's layer read their clean input. In step 3 only the receivers' inputs at P change, so
-    every position before P, and every layer below the lowest receiver at every position, is the clean run: per
-    prompt, a pass over its tokens P..END on top of the clean prefix's key/value cache, one copy up to the lowest
-    receiver layer, then widened to one row per sender (at most ``max_rows`` at a time). The unembedding is skipped: the logit difference needs two columns.
+    every position before P, and every layer below the lowest receiver at every position, is the clean run: one
+    clean pass over all prompts gives the residual entering the lowest receiver layer and every layer's keys and
+    values; then, per prompt, its tokens P..END start at that layer from their clean residual, over the clean keys
+    and values of the tokens before P, one row per sender (at most ``max_rows`` at a time). The unembedding is
+    skipped: the logit difference needs two columns.
     Agreement with the reference is tested on every tiny family for logits and q / k / v receivers.
     """
     receivers.check(model, data)
@@ -407,7 +408,8 @@ def path_patch_fast_ld(
     sender_on = take(_position_mask(data, sender_position, tuple(data.clean.ids.shape), device))  # [B]
     ld = torch.zeros(B, S_all, dtype=base.ld_clean.dtype, device=device)
     top = L if receivers.kind == "logits" else max(receivers.layers) + 1  # the blocks step 2 must run
-    clean_inputs = {} if receivers.kind == "logits" else _clean_receiver_inputs(model, data, receivers, where)
+    clean = None if receivers.kind == "logits" else _clean_for_step3(model, data, receivers, where)
+    clean_inputs = {} if clean is None else clean.inputs
     recorded: dict[int, Tensor] = {}  # per receiver layer [B, S_all, heads, d]
     # senders of one layer share a pass that starts at their layer (at most `chunk` per pass)
     order = sorted(range(S_all), key=lambda s: senders[s][0])
@@ -466,14 +468,27 @@ def path_patch_fast_ld(
         bar.update()
     if receivers.kind != "logits":
         for b in range(B):
-            ld[b] = _step3_one_prompt(model, data, receivers, recorded, b, int(where[b]), max_rows)
+            ld[b] = _step3_one_prompt(model, data, receivers, recorded, clean, b, int(where[b]), max_rows,
+                                      base.ld_clean[b])
             bar.update()
     bar.close()
     return {sender: ld[:, s] for s, sender in enumerate(senders)}, base
 
 
-def _clean_receiver_inputs(model: Model, data: TaskData, receivers: Receivers, where: Tensor) -> dict[int, Tensor]:
-    """The receivers' clean inputs at P, per receiver layer [B, heads, d] (what a sender above them leaves)."""
+@dataclass
+class _Step3Clean:
+    """What step 3 reads from one clean pass: the residual entering the lowest receiver layer at every position,
+    every layer's keys and values (each prompt's first P are its prefix's) and the receivers' clean inputs at P."""
+
+    low: int
+    resid: Tensor  # [B, T, d_model]
+    kv: list[tuple[Tensor, Tensor]]  # per layer, [B, kv heads, T, d_head]
+    inputs: dict[int, Tensor]  # per receiver layer, [B, heads, d]
+
+
+def _clean_for_step3(model: Model, data: TaskData, receivers: Receivers, where: Tensor) -> _Step3Clean:
+    """One clean pass over every prompt (:func:`headcircuits.models.blocks.clean_pass`), recording what step 3 and
+    the receivers below a sender's layer need."""
     seen: dict[int, Tensor] = {}
     rows = torch.arange(len(data), device=model.device)
 
@@ -482,35 +497,41 @@ def _clean_receiver_inputs(model: Model, data: TaskData, receivers: Receivers, w
         return x
 
     hooks = [(_receiver_hook_name(receivers.kind, l), lambda x, hook, l=l: record(x, hook, l)) for l in receivers.layers]
-    model.bridge.run_with_hooks(data.clean.ids.to(model.device), fwd_hooks=hooks, stop_at_layer=max(receivers.layers) + 1)
-    return seen
+    low = min(receivers.layers)
+    resid, kv = clean_pass(model, data.clean.ids, low, hooks)
+    return _Step3Clean(low, resid, kv, seen)
 
 
 def _step3_one_prompt(
-    model: Model, data: TaskData, receivers: Receivers, inputs: dict[int, Tensor], b: int, p: int, max_rows: int
+    model: Model, data: TaskData, receivers: Receivers, inputs: dict[int, Tensor], clean: _Step3Clean, b: int,
+    p: int, max_rows: int, ld_clean: Tensor,
 ) -> Float[Tensor, " sender"]:
-    """Step 3 of the fast path for prompt ``b`` with receiver position ``p``: tokens p..END over the clean
-    prefix's cache; one row up to the lowest receiver layer, then one row per sender with the receivers' inputs
-    at p replaced by the recorded ones."""
+    """Step 3 of the fast path for prompt ``b`` with receiver position ``p``: below the lowest receiver layer
+    every token is clean, and so is every token before ``p``; so the tokens p..END start at that layer from their
+    clean residual, over the clean keys and values of the tokens before p, one row per sender with the
+    receivers' inputs at p replaced by the recorded ones (the model's own blocks,
+    :func:`headcircuits.models.blocks.run_sequence`)."""
     group_size = model.facts.kv_group_size
     per_layer = {
         layer: sorted({h // group_size for l, h in receivers.heads if l == layer})
         if receivers.kind in ("k", "v") else [h for l, h in receivers.heads if l == layer]
         for layer in receivers.layers
     }
-    low = min(receivers.layers)
+    low, L = clean.low, model.facts.n_layers
     end = int(data.positions["END"][b])
-    ids = data.clean.ids[b : b + 1].to(model.device)
-    tail = ids[:, p : end + 1]  # [1, T]
-    prefix = None
-    if p > 0:
-        _, prefix = model.bridge(ids[:, :p], return_type="logits_and_cache")
+    tail = clean.resid[b : b + 1, p : end + 1]  # [1, T, d_model]
+    prefix = PrefixCache({l: (k[b : b + 1, :, :p], v[b : b + 1, :, :p]) for l, (k, v) in enumerate(clean.kv) if l >= low}, p)
     S_all = next(iter(inputs.values())).shape[1]
     out = torch.zeros(S_all, dtype=next(iter(inputs.values())).dtype, device=model.device)
+    answer, distractor = data.answer[b : b + 1], data.distractor[b : b + 1]
+    # the same run with the receivers' clean inputs: its LD is the baseline's up to float32 rounding of another
+    # order of operations, which is removed from every sender's LD (so a sender that changes nothing gives 0)
+    h = run_sequence(model, tail, range(low, L), prefix if p else None, p)
+    offset = _two_logit_difference(model, final_norm(model, h[:, -1]), answer, distractor)[0] - ld_clean
     for s0 in range(0, S_all, max_rows):
         s1 = min(S_all, s0 + max_rows)
         n = s1 - s0
-        hooks: list[tuple[str, Callable]] = [(f"blocks.{low}.hook_resid_pre", lambda x, hook: x.repeat_interleave(n, 0))]
+        hooks: list[tuple[str, Callable]] = []
         for layer, heads in per_layer.items():
             def patch(x, hook, layer=layer, heads=heads):
                 x = x.clone()
@@ -518,15 +539,8 @@ def _step3_one_prompt(
                 return x
 
             hooks.append((_receiver_hook_name(receivers.kind, layer), patch))
-        kwargs = {}
-        if prefix is not None:  # widen the cache of the layers that run one row per sender
-            kv = copy.deepcopy(prefix)
-            for index, layer_cache in enumerate(kv.layers):
-                if index >= low:
-                    layer_cache.keys = layer_cache.keys.repeat_interleave(n, 0)
-                    layer_cache.values = layer_cache.values.repeat_interleave(n, 0)
-            kwargs["past_key_values"] = kv
-        normed = final_normed(model, tail, hooks, **kwargs)
-        answer, distractor = data.answer[b].expand(n), data.distractor[b].expand(n)
-        out[s0:s1] = _two_logit_difference(model, normed, answer, distractor)
+        with model.bridge.hooks(fwd_hooks=hooks):
+            h = run_sequence(model, tail.expand(n, -1, -1), range(low, L), prefix.repeat(n) if p else None, p)
+        out[s0:s1] = _two_logit_difference(model, final_norm(model, h[:, -1]), answer.expand(n),
+                                           distractor.expand(n)) - offset
     return out

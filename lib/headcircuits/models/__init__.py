@@ -287,7 +287,9 @@ def ungrouped(model: Model) -> Model:
     group = model.facts.kv_group_size
     config = copy.deepcopy(hf.config)
     config.num_key_value_heads = config.num_attention_heads
-    with torch.device(model.device):
+    from transformers.initialization import no_init_weights
+
+    with torch.device(model.device), no_init_weights():  # every weight is assigned below (strict)
         copy_model = type(hf)(config)
     wanted = copy_model.state_dict().keys()
     # the bridge wraps the HF modules in place: their state-dict keys gain "._original_component" segments

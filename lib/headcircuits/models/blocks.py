@@ -44,20 +44,66 @@ def run_blocks(
 ) -> Float[Tensor, "rows 1 d_model"]:
     """One token's residual ``h`` through the model's blocks ``layers`` at sequence position ``position``,
     attending to the tokens in ``cache`` (a key/value cache of earlier tokens; ``None``: the token alone)."""
+    ids = torch.full((h.shape[0], 1), position, dtype=torch.long, device=h.device)
+    return _through(model, h, layers, ids, None, cache)
+
+
+def run_sequence(
+    model: Model, h: Float[Tensor, "rows pos d_model"], layers: Iterable[int], cache=None, start: int = 0,
+) -> Float[Tensor, "rows pos d_model"]:
+    """Residual streams ``h`` of consecutive tokens at positions ``start`` .. ``start + pos - 1`` (e.g. recorded
+    entering a block) through the model's blocks ``layers``, attending causally to each other and to the
+    ``start`` earlier tokens in ``cache`` (a key/value cache such as :class:`PrefixCache`; ``None`` when
+    ``start`` is 0), masked as in a full pass: a run that starts part-way up the model (an edit at layer l
+    changes nothing below it) or part-way along the prompt. Right padding needs no mask: no real token attends
+    to a later one."""
+    rows, width = h.shape[:2]
+    if (cache is None) != (start == 0):
+        raise ValueError("give the cache of the start earlier tokens exactly when start > 0")
+    window = getattr(hf_blocks(model)[0].config, "sliding_window", None)
+    if window and model.facts.family == "gemma3" and start + width > window:
+        raise ValueError(f"prompts longer than the sliding window ({window}) are not supported by run_sequence")
+    ids = torch.arange(start, start + width, device=h.device).expand(rows, width)
+    # query i (position start + i) sees keys 0 .. start + i
+    mask = torch.full((width, start + width), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device)
+    mask = mask.triu(start + 1)[None, None].expand(rows, 1, width, start + width)
+    return _through(model, h, layers, ids, mask, cache)
+
+
+@torch.no_grad()
+def clean_pass(
+    model: Model, ids: Int[Tensor, "batch pos"], layer: int, hooks: list | None = None,
+) -> tuple[Float[Tensor, "batch pos d_model"], list[tuple[Tensor, Tensor]]]:
+    """One pass of the model's own blocks over (right-padded) prompts, without the unembedding: the residual
+    stream entering block ``layer`` at every position, and every layer's keys and values ([batch, kv heads,
+    pos, d_head]; a prompt's first P of them are its prefix's, whatever follows). ``hooks`` run in the same pass
+    (e.g. to record other activations)."""
+    seen: dict[str, Tensor] = {}
+
+    def record(x, hook):
+        seen["h"] = x.detach().clone()
+        return x
+
+    with model.bridge.hooks(fwd_hooks=[*(hooks or []), (f"blocks.{layer}.hook_resid_pre", record)]):
+        cache = hf_blocks(model)[0](input_ids=ids.to(model.device), use_cache=True).past_key_values
+    return seen["h"], [(c.keys, c.values) for c in cache.layers]
+
+
+def _through(model: Model, h: Tensor, layers: Iterable[int], ids: Tensor, mask: Tensor | None, cache) -> Tensor:
+    """``h`` through the blocks ``layers`` at position ids ``ids`` (the model's own blocks, hooks firing)."""
     base, blocks = hf_blocks(model)
     family = model.facts.family
-    ids = torch.full((h.shape[0], 1), position, dtype=torch.long, device=h.device)
     use_cache = cache is not None
     for layer in layers:
         block = blocks[layer]
         if family == "gpt2":
-            out = block(h, cache, attention_mask=None, use_cache=use_cache, position_ids=ids)
+            out = block(h, cache, attention_mask=mask, use_cache=use_cache, position_ids=ids)
         else:
             if family == "gemma3":
                 rotary = base.rotary_emb(h, ids, base.config.layer_types[layer])
             else:
                 rotary = base.rotary_emb(h, position_ids=ids)
-            out = block(h, attention_mask=None, position_embeddings=rotary, position_ids=ids, past_key_values=cache,
+            out = block(h, attention_mask=mask, position_embeddings=rotary, position_ids=ids, past_key_values=cache,
                         use_cache=use_cache)
         h = out[0] if isinstance(out, tuple) else out
     return h
