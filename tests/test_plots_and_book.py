@@ -196,6 +196,9 @@ def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     list_page = (html / "book" / "notebooks" / "06_laundry_list.html").read_text()
     assert f"{value('06_laundry_list', 'n_per_length')} prompts per N" in list_page
     assert "the oracle fix" in list_page.lower() and "held out" in list_page
+    for chapter in book.notebooks_in_toc(ROOT):  # every cell in full, and no NaN where a word is meant
+        shown = (html / "book" / "notebooks" / f"{chapter.stem}.html").read_text()
+        assert "...</td>" not in shown and ">NaN<" not in shown, chapter.stem
     own_page = (html / "book" / "notebooks" / "07_your_own_task.html").read_text()
     assert "full names" in own_page and "every effect is exactly 0" in own_page and "VocabularyError" in own_page
     intro = (html / "book" / "intro.html").read_text()
@@ -280,6 +283,15 @@ def test_papermill_reads_every_parameter_each_notebook_assigns():
         assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
                     for t in node.targets if isinstance(t, ast.Name)}
         assert assigned == set(book.declared_parameters(path)), f"{path.name}: papermill misses some parameters"
+
+
+def test_the_house_style_shows_table_cells_in_full():
+    import pandas as pd
+
+    with pd.option_context("display.max_colwidth", 50):
+        plots.set_theme()
+        claim = "forcing inhibition heads and negative movers onto the wrong colours repairs accuracy"
+        assert claim in pd.DataFrame({"claim": [claim]})._repr_html_()
 
 
 def test_each_model_keeps_its_colour_in_every_chart():

@@ -14,6 +14,7 @@ import uuid
 from typing import Sequence
 
 import matplotlib.pyplot as plt
+import pandas as pd
 import seaborn as sns
 from jaxtyping import Float
 from torch import Tensor
@@ -23,9 +24,12 @@ VENDOR_JS = "_static/vendor/circuitsvis.js"
 
 
 def set_theme() -> None:
-    """The house style of every figure in the book."""
+    """The house style of every figure and table in the book: seaborn's colour-blind palette, and tables that
+    show each cell's text in full (pandas cuts text at 50 characters by default, which cut the claims and
+    verdicts of the reproduction tables; the book's CSS wraps long cells instead)."""
     sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
     plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 110, "figure.figsize": (7.0, 4.0)})
+    pd.set_option("display.max_colwidth", None)
 
 
 # One colour per model in every chart of the book (seaborn's colour-blind palette, by index).
