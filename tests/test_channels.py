@@ -7,6 +7,7 @@ import torch
 
 from headcircuits import channels, interventions, metrics, svd
 from headcircuits.tasks import ioi, laundry_list
+from reference import head_attention_full_pass
 
 HEADS = ((1, 2), (2, 0))
 
@@ -286,21 +287,6 @@ def test_picking_components_is_checked():
     assert torch.allclose(picked.directions[0, 0], svd.head_svd(w.OV[1, 0]).Vh[2])
 
 
-@torch.no_grad()
-def _mover_attention_plain(model, data, replacement, mover, keys):
-    """The reference: the whole model run on the whole prompts, the replacement as hooks, the mover's pattern read."""
-    seen = {}
-
-    def record(p, hook):
-        seen["p"] = p[:, mover[1]].detach().clone()
-        return p
-
-    hooks = replacement.hooks_for(data)(0, len(data)) + [(f"blocks.{mover[0]}.attn.hook_pattern", record)]
-    model.bridge.run_with_hooks(data.clean.ids, fwd_hooks=hooks)
-    rows, end = torch.arange(len(data)), data.at("END")
-    return torch.stack([seen["p"][rows, end, data.at(k)] for k in keys], dim=-1)
-
-
 @pytest.mark.parametrize("mode", ["replace", "set"])
 def test_the_traversal_equals_the_plain_hooked_forward_pass(tiny, mode, monkeypatch):
     """channels.traverse recomputes END only, from the lowest channel layer to the mover, on a cached prefix; at
@@ -316,7 +302,8 @@ def test_the_traversal_equals_the_plain_hooked_forward_pass(tiny, mode, monkeypa
     fast = channels.traverse(tiny, data, channel, points, mover, keys, rows_per_run=7, mode=mode, progress=False)
     assert fast.shape == (3, len(data), 3)
     for i, point in enumerate(points):
-        plain = _mover_attention_plain(tiny, data, channels.ChannelReplacement(channel, point, mode=mode), mover, keys)
+        replaced = channels.ChannelReplacement(channel, point, mode=mode).hooks_for(data)(0, len(data))
+        plain = head_attention_full_pass(tiny, data, mover, "END", keys, replaced)
         assert (fast[i] - plain).abs().max() < 1e-5, f"point {i}"
     assert (fast[1] - fast[2]).abs().max() > 1e-4  # the points differ: the replacement reaches the mover
     # another channel with the same lowest layer reuses the prompts' pass, and is still exact
@@ -328,7 +315,8 @@ def test_the_traversal_equals_the_plain_hooked_forward_pass(tiny, mode, monkeypa
     again = channels.traverse(tiny, data, other, points, mover, keys, mode=mode, progress=False)
     assert calls == []
     for i, point in enumerate(points):
-        plain = _mover_attention_plain(tiny, data, channels.ChannelReplacement(other, point, mode=mode), mover, keys)
+        replaced = channels.ChannelReplacement(other, point, mode=mode).hooks_for(data)(0, len(data))
+        plain = head_attention_full_pass(tiny, data, mover, "END", keys, replaced)
         assert (again[i] - plain).abs().max() < 1e-5, f"point {i}, second channel"
     high = channels.Channel.pick(w, {(1, 2): [1]})
     with pytest.raises(ValueError, match="below the channel"):

@@ -8,6 +8,7 @@ import torch
 from headcircuits import interventions, metrics, svd
 from headcircuits.tasks import colored_objects as co
 from headcircuits.tasks import ioi
+from reference import head_attention_full_pass
 
 KEYS = ("WRONG_COLOR_0", "WRONG_COLOR_1")
 
@@ -408,17 +409,6 @@ def test_a_residual_addition_changes_only_its_position_from_its_layer_on(tiny):
     assert all(torch.equal(a, b) for a, b in zip(plain, zero))
 
 
-def _attention_full_pass(model, data, head, query, keys, hooks):
-    """The plain reference: one hooked forward pass of the whole model per batch, the head's pattern recorded."""
-    layer, index = head
-    seen, out = {}, []
-    for batch in data.batches(64, device=model.device):
-        model.bridge.run_with_hooks(batch.ids, fwd_hooks=[*hooks, (f"blocks.{layer}.attn.hook_pattern",
-                                                                   lambda p, hook: seen.__setitem__("p", p[:, index]))])
-        out.append(interventions.attention_at(seen["p"], batch.at(query), [batch.at(k) for k in keys]).float().cpu())
-    return torch.cat(out)
-
-
 def test_attention_per_prompt_starts_at_the_lowest_edit_and_equals_the_full_pass(tiny):
     """The run starts at the lowest hooked block (from the clean residual entering it) or the head's own block;
     against the full hooked pass, for a weight edit, a residual addition, no hooks and a hook outside the blocks,
@@ -433,10 +423,10 @@ def test_attention_per_prompt_starts_at_the_lowest_edit_and_equals_the_full_pass
         "addition after 0": interventions.ResidualAddition(0, "S1", vector).hooks_for(data)(0, len(data)),
         "embedding": [("hook_embed", lambda x, hook: x * 1.5)],
     }
-    plain = _attention_full_pass(tiny, data, mover, "END", ["IO", "S1"], [])
+    plain = head_attention_full_pass(tiny, data, mover, "END", ["IO", "S1"], [])
     for label, hooks in cases.items():
         fast = interventions.attention_per_prompt(tiny, data, mover, "END", ["IO", "S1"], hooks)
-        full = _attention_full_pass(tiny, data, mover, "END", ["IO", "S1"], hooks)
+        full = head_attention_full_pass(tiny, data, mover, "END", ["IO", "S1"], hooks)
         gap = (fast - full).abs().max()
         assert gap < 1e-7, label
         if label != "none":  # the edit changes what the comparison sees, far beyond the gap

@@ -63,20 +63,28 @@ class ForcedAttention:
         if not self.keys:
             raise ValueError("name at least one key position to force attention onto (e.g. 'WRONG_COLOR_0')")
 
-    def hooks_for(self, data: TaskData):
-        """A :data:`headcircuits.metrics.HooksFor` for batched runs over ``data``."""
+    def _prepared(self, data: TaskData) -> tuple[dict[int, list[int]], Tensor]:
+        """The forced heads by layer, and each prompt's key positions ([batch, n_keys]); unknown positions refused."""
         missing = [k for k in (*self.keys, self.query) if k not in data.positions]
         if missing:
             raise KeyError(f"positions {missing} are not in this {data.task} TaskData; it has {sorted(data.positions)}")
         by_layer: dict[int, list[int]] = {}
         for layer, head in self.heads:
             by_layer.setdefault(layer, []).append(head)
+        return by_layer, torch.stack([data.at(k) for k in self.keys], 1)
 
+    @staticmethod
+    def _pattern_hooks(by_layer: dict[int, list[int]], force) -> list:
+        return [(f"blocks.{layer}.attn.hook_pattern", lambda p, hook, heads=heads: force(p, heads))
+                for layer, heads in sorted(by_layer.items())]
+
+    def hooks_for(self, data: TaskData):
+        """A :data:`headcircuits.metrics.HooksFor` for batched runs over ``data``."""
+        by_layer, key_pos = self._prepared(data)
         query_pos = data.at(self.query)
-        key_pos = torch.stack([data.at(k) for k in self.keys], 1)  # [batch, n_keys], validated
 
         def hooks(start: int, stop: int) -> list:
-            def force(pattern, hook, heads):
+            def force(pattern, heads):
                 pattern = pattern.clone()
                 rows = torch.arange(stop - start, device=pattern.device)
                 q, keys = query_pos[start:stop].to(pattern.device), key_pos[start:stop].to(pattern.device)
@@ -84,8 +92,7 @@ class ForcedAttention:
                     pattern[rows, h, q] = forced_row(pattern[rows, h, q], keys, self.strength)
                 return pattern
 
-            return [(f"blocks.{layer}.attn.hook_pattern", lambda p, hook, heads=heads: force(p, hook, heads))
-                    for layer, heads in sorted(by_layer.items())]
+            return self._pattern_hooks(by_layer, force)
 
         return hooks
 
@@ -94,22 +101,17 @@ class ForcedAttention:
         each pattern has END's query row only. The query must be END, each prompt's last token."""
         if self.query != "END":
             raise ValueError(f"the END-only engine recomputes END alone; query is {self.query!r}")
-        self.hooks_for(data)  # validates the positions
-        key_pos = torch.stack([data.at(k) for k in self.keys], 1)
-        by_layer: dict[int, list[int]] = {}
-        for layer, head in self.heads:
-            by_layer.setdefault(layer, []).append(head)
+        by_layer, key_pos = self._prepared(data)
 
         def hooks(index: Tensor) -> list:
-            def force(pattern, hook, heads):
+            def force(pattern, heads):
                 pattern = pattern.clone()
                 keys = key_pos[index].to(pattern.device)
                 for h in heads:
                     pattern[:, h, 0] = forced_row(pattern[:, h, 0], keys, self.strength)
                 return pattern
 
-            return [(f"blocks.{layer}.attn.hook_pattern", lambda p, hook, heads=heads: force(p, hook, heads))
-                    for layer, heads in sorted(by_layer.items())]
+            return self._pattern_hooks(by_layer, force)
 
         return hooks
 

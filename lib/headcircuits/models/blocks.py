@@ -60,9 +60,7 @@ def run_sequence(
     rows, width = h.shape[:2]
     if (cache is None) != (start == 0):
         raise ValueError("give the cache of the start earlier tokens exactly when start > 0")
-    window = getattr(hf_blocks(model)[0].config, "sliding_window", None)
-    if window and model.facts.family == "gemma3" and start + width > window:
-        raise ValueError(f"prompts longer than the sliding window ({window}) are not supported by run_sequence")
+    _check_window(model, start + width)
     ids = torch.arange(start, start + width, device=h.device).expand(rows, width)
     # query i (position start + i) sees keys 0 .. start + i
     mask = torch.full((width, start + width), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device)
@@ -129,23 +127,21 @@ class PrefixCache:
                            self.length)
 
 
+def _check_window(model: Model, length: int) -> None:
+    """These engines mask causally but not by Gemma-3's sliding window: refuse prompts longer than it."""
+    window = getattr(hf_blocks(model)[0].config, "sliding_window", None)
+    if window and model.facts.family == "gemma3" and length > window:
+        raise ValueError(f"prompts longer than the sliding window ({window}) are not supported by this engine")
+
+
 @torch.no_grad()
 def prefix_pass(
     model: Model, ids: Int[Tensor, "batch pos"], first: int, layers: Iterable[int],
 ) -> tuple[Float[Tensor, "batch 1 d_model"], PrefixCache]:
-    """One pass of the model's own blocks (no unembedding) over prompts of one length: the last token's residual
-    stream entering block ``first``, and the earlier tokens' keys and values for ``layers`` (the last token's own
-    are recomputed by every rerun, with :func:`run_blocks` at position ``length - 1``)."""
-    window = getattr(hf_blocks(model)[0].config, "sliding_window", None)
-    if window and model.facts.family == "gemma3" and ids.shape[1] > window:
-        raise ValueError(f"prompts longer than the sliding window ({window}) are not supported by the END-only engine")
-    seen: dict[str, Tensor] = {}
-
-    def record(x, hook):
-        seen["h"] = x[:, -1:].detach().clone()
-        return x
-
-    with model.bridge.hooks(fwd_hooks=[(f"blocks.{first}.hook_resid_pre", record)]):
-        hf_cache = hf_blocks(model)[0](input_ids=ids.to(model.device), use_cache=True).past_key_values
-    kv = {l: (hf_cache.layers[l].keys[..., :-1, :], hf_cache.layers[l].values[..., :-1, :]) for l in layers}
-    return seen["h"], PrefixCache(kv, ids.shape[1] - 1)
+    """One pass of the model's own blocks (no unembedding) over prompts of one length (:func:`clean_pass`): the
+    last token's residual stream entering block ``first``, and the earlier tokens' keys and values for
+    ``layers`` (the last token's own are recomputed by every rerun, with :func:`run_blocks` at position
+    ``length - 1``)."""
+    _check_window(model, ids.shape[1])
+    h, kv = clean_pass(model, ids, first)
+    return h[:, -1:], PrefixCache({l: (kv[l][0][..., :-1, :], kv[l][1][..., :-1, :]) for l in layers}, ids.shape[1] - 1)
