@@ -438,3 +438,19 @@ def test_attention_per_prompt_starts_at_the_lowest_edit_and_equals_the_full_pass
     with torch.no_grad():
         weight.mul_(1.0)
     assert interventions.residuals_entering(tiny, data, 1) is not first
+
+
+def test_attention_under_end_only_equals_full_passes(tiny, co_data):
+    """The END-only engine of attention_under (earlier tokens once, END alone per intervention) equals a full
+    forward pass per intervention: forced heads in a lower layer than the read ones, so the forcing reaches them."""
+    data = co_data(tiny)
+    forced = interventions.ForcedAttention(tuple((l, h) for l in (0, 1) for h in range(tiny.facts.n_heads)), KEYS,
+                                           strength=0.7)
+    heads, keys = [(1, 0), (2, 0), (2, 3)], list(KEYS) + ["ANSWER_COLOR"]
+    fast = interventions.attention_under(tiny, data, heads, "END", keys, [None, forced])
+    for got, condition in zip(fast, [None, forced]):
+        full = interventions.attention_under(tiny, data, heads, "END", keys, condition, engine="full")
+        torch.testing.assert_close(got, full, rtol=0, atol=1e-6)
+    assert (fast[0] - fast[1])[1:].abs().max() > 2e-5  # 20x the tolerance above, on every family  # the forcing changes what the later heads attend to
+    with pytest.raises(ValueError, match="engine"):
+        interventions.attention_under(tiny, data, heads, "END", keys, engine="fast")

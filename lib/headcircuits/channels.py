@@ -38,7 +38,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headcircuits.metrics import end_only_logits, prefix_groups
-from headcircuits.models.blocks import run_blocks
+from headcircuits.models.blocks import run_copies
 from headcircuits.models.core import Head, Model
 from headcircuits.svd import fix_signs
 from headcircuits.tasks.base import TaskData
@@ -327,7 +327,8 @@ class _Stop(Exception):
 
 
 def _replacement_hooks(channel: Channel, replacement: "ChannelReplacement", values: Tensor) -> list:
-    """Hooks that set the channel heads' END output (the only position of an END-only step) to ``values`` rows."""
+    """Hooks that set the channel heads' END output to ``values`` ([rows, copies, head, k]): in an END-only step
+    every position the hooks see is a copy of END (one, or one per traversal point, :func:`run_copies`)."""
     parts = replacement._parts()
     by_layer: dict[int, list[int]] = {}
     for i, (layer, _) in enumerate(channel.heads):
@@ -337,7 +338,8 @@ def _replacement_hooks(channel: Channel, replacement: "ChannelReplacement", valu
         z = z.clone()
         for i in indices:
             head = channel.heads[i][1]
-            z[:, 0, head] = replacement.apply(z[:, 0, head], values[:, i], i, parts)
+            new = replacement.apply(z[:, :, head].flatten(0, 1), values[:, :, i].flatten(0, 1), i, parts)
+            z[:, :, head] = new.reshape(z.shape[0], z.shape[1], -1)
         return z
 
     return [(f"blocks.{layer}.attn.hook_z", lambda z, hook, ix=ix: replace_z(z, hook, ix))
@@ -356,8 +358,10 @@ def traverse(
 
     Exact, and fast: the intervention touches END only, so every earlier token's keys and values are the same at
     every point. Each prompt is run once (its cache of keys and values, and END's residual stream below the
-    lowest channel layer); then, per point, END alone goes through the layers from the lowest channel head's to the
-    mover's, on the model's own blocks (tested equal to the plain hooked forward pass on every tiny family). The
+    lowest channel layer, up to the mover's layer only); then, per point, END alone goes through the layers from
+    the lowest channel head's to the mover's, on the model's own blocks, the points of a run laid side by side as
+    copies of END that share the prompt's cache (:func:`headcircuits.models.blocks.run_copies`; tested equal to
+    the plain hooked forward pass on every tiny family). The
     prompts' pass is kept for the next traversal of the same prompts and layers (e.g. a control channel in the same
     layer: :func:`headcircuits.metrics.prefix_groups` with ``reuse``). The
     paper reports about 12 hours per dataset on an RTX 3090 for its sweep. ``mode``: as :class:`ChannelReplacement`.
@@ -381,21 +385,22 @@ def traverse(
         for start in range(0, len(points), per_run):
             chunk = points[start:start + per_run].reshape(-1, len(channel.heads), channel.per_head)
             p = len(chunk)
-            values = chunk.repeat_interleave(n, dim=0).to(model.device)  # row = point * n + prompt
-            cache = prefix.repeat(p)
+            values = chunk.to(model.device)[None].expand(n, -1, -1, -1)  # [prompt, point, head, k]
             pattern: dict[str, Tensor] = {}
 
             def read(pat, hook):
-                pattern["p"] = pat[:, mover[1], 0].detach()
+                pattern["p"] = pat[:, mover[1]].detach()  # [prompt, point, earlier tokens + points]
                 raise _Stop
 
             hooks = [*_replacement_hooks(channel, replacement, values), (f"blocks.{mover[0]}.attn.hook_pattern", read)]
             try:
                 with model.bridge.hooks(fwd_hooks=hooks):
-                    run_blocks(model, h.repeat(p, 1, 1), layers, cache, length - 1)
+                    run_copies(model, h.expand(-1, p, -1), layers, prefix, length - 1)
             except _Stop:
                 pass
-            att = pattern["p"].float().reshape(p, n, -1)  # [point, prompt, key position]
+            # each point's attention to the earlier tokens, then to END itself (its own copy)
+            att = torch.cat([pattern["p"][..., : length - 1], pattern["p"][..., length - 1:].diagonal(dim1=1, dim2=2)[..., None]], -1)
+            att = att.float().transpose(0, 1)  # [point, prompt, key position]
             pos = key_pos[index].to(att.device)[None].expand(p, -1, -1)
             out[start:start + p, index] = att.gather(2, pos).cpu()
             bar.update(p * n)
@@ -424,7 +429,7 @@ def end_logits_under(
     def condition(v):
         def hooks(index):
             rows = (v if v.shape[0] == 1 else v[index]).expand(len(index), -1, -1).to(model.device)
-            return _replacement_hooks(channel, replacement, rows)
+            return _replacement_hooks(channel, replacement, rows[:, None])
         return None if v is None else hooks
 
     first = min(l for l, _ in channel.heads)

@@ -150,14 +150,31 @@ class ResidualAddition:
 @torch.no_grad()
 def attention_under(
     model: Model, data: TaskData, heads: list[Head], query: str, keys: list[str],
-    intervention: ForcedAttention | None = None, batch_size: int = 32,
-) -> Float[Tensor, "head key"]:
+    intervention: ForcedAttention | None | list[ForcedAttention | None] = None, batch_size: int = 32,
+    engine: str = "end-only",
+) -> Float[Tensor, "head key"] | list[Tensor]:
     """Mean attention of ``heads`` from ``query`` to each of ``keys`` (rows: heads, columns: keys), with or
     without an intervention in the same forward pass (e.g. the movers' attention to the right and wrong colours
-    before and after the repair)."""
-    out = torch.zeros(len(heads), len(keys), device=model.device)
+    before and after the repair). A list of interventions (``None``: none) gives a list of results.
+
+    ``engine="end-only"`` (default, for a query at END): each prompt's earlier tokens run once, up to the highest
+    read head, then END alone once per intervention (:func:`headcircuits.metrics.prefix_groups`; exact, tested
+    equal to ``"full"``, which runs every prompt in full once per intervention)."""
+    if engine not in ("end-only", "full"):
+        raise ValueError(f"engine must be 'end-only' or 'full', not {engine!r}")
+    several = isinstance(intervention, (list, tuple))
+    conditions = list(intervention) if several else [intervention]
     if not heads:
-        return out.cpu()
+        out = [torch.zeros(len(heads), len(keys)) for _ in conditions]
+    elif engine == "end-only" and query == "END":
+        out = _attention_end_only(model, data, heads, keys, conditions)
+    else:
+        out = [_attention_full(model, data, heads, query, keys, c, batch_size) for c in conditions]
+    return out if several else out[0]
+
+
+def _attention_full(model, data, heads, query, keys, intervention, batch_size) -> Tensor:
+    out = torch.zeros(len(heads), len(keys), device=model.device)
     hooks_for = intervention.hooks_for(data) if intervention else (lambda start, stop: [])
     layers = sorted({l for l, _ in heads})
     for batch in data.batches(batch_size, device=model.device):
@@ -174,6 +191,40 @@ def attention_under(
             for j, key in enumerate(keys):
                 out[i, j] += seen[l][batch.rows, h, batch.at(query), batch.at(key)].sum()
     return (out / len(data)).cpu()
+
+
+def _attention_end_only(model, data, heads, keys, conditions) -> list[Tensor]:
+    """:func:`attention_under` at END: the earlier tokens once, then END alone from the lowest forced or read
+    layer up to the highest read one, once per condition (:func:`headcircuits.models.blocks.run_blocks`)."""
+    from headcircuits.models.blocks import run_blocks
+
+    layers = sorted({l for l, _ in heads})
+    first = min([layers[0], *(l for c in conditions if c is not None for l, _ in c.heads)])
+    blocks = range(first, layers[-1] + 1)
+    key_pos = torch.stack([data.at(k) for k in keys], 1)  # [batch, key], validated
+    hooks_of = [c.end_hooks(data) if c is not None else None for c in conditions]
+    out = [torch.zeros(len(heads), len(keys)) for _ in conditions]
+    for index, length, h, prefix in metrics.prefix_groups(model, data, first, blocks):
+        for total, condition in zip(out, hooks_of):
+            seen: dict[int, Tensor] = {}
+
+            def record(pattern, hook, layer):
+                seen[layer] = pattern[:, :, 0].detach()  # END's query row: [prompt, head, key position]
+                if layer == layers[-1]:
+                    raise metrics._Stop
+                return pattern
+
+            hooks = (condition(index) if condition else []) + [
+                (f"blocks.{l}.attn.hook_pattern", lambda p, hook, l=l: record(p, hook, l)) for l in layers]
+            try:
+                with model.bridge.hooks(fwd_hooks=hooks):
+                    run_blocks(model, h, blocks, prefix, length - 1)
+            except metrics._Stop:
+                pass
+            pos = key_pos[index].to(model.device)
+            for i, (l, hd) in enumerate(heads):
+                total[i] += seen[l][:, hd].gather(1, pos).sum(0).float().cpu()
+    return [total / len(data) for total in out]
 
 
 def control_heads(

@@ -28,6 +28,7 @@ keys and values. ``kv="group"`` patches the shared K/V head, which every query h
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -37,7 +38,8 @@ from torch import Tensor
 
 from headcircuits.metrics import _Stop, logit_difference, logits_at, unembed
 from headcircuits.models import ungrouped
-from headcircuits.models.blocks import PrefixCache, clean_pass, final_norm, run_blocks, run_sequence
+from headcircuits.models.blocks import (PrefixCache, attention_output, clean_pass, final_norm, mlp_only_block,
+                                        run_blocks, run_sequence)
 from headcircuits.models.core import Head, Model
 from headcircuits.progress import tqdm
 from headcircuits.tasks.base import TaskData
@@ -383,6 +385,9 @@ def path_patch_fast_ld(
     is the clean one. Step 2 is therefore a one-token pass per (prompt, sender) that starts at the sender's layer
     from the clean residual entering it at P (the model's own blocks, :func:`headcircuits.models.blocks.run_blocks`)
     and whose heads output their frozen values at P; the senders of one layer share a pass (at most ``chunk``).
+    Into the logits, every block's attention output at P is then known (the clean one, or at the senders' layer
+    the clean one with the senders' counterfactual ``z``), so only the norms and MLPs run
+    (:func:`headcircuits.models.blocks.mlp_only_block`): no query, key or value projection, no attention.
     Receivers below a sender's layer read their clean input. In step 3 only the receivers' inputs at P change, so
     every position before P, and every layer below the lowest receiver at every position, is the clean run: one
     clean pass over all prompts gives the residual entering the lowest receiver layer and every layer's keys and
@@ -411,6 +416,7 @@ def path_patch_fast_ld(
     clean = None if receivers.kind == "logits" else _clean_for_step3(model, data, receivers, where)
     clean_inputs = {} if clean is None else clean.inputs
     recorded: dict[int, Tensor] = {}  # per receiver layer [B, S_all, heads, d]
+    attn_clean = functools.lru_cache(None)(lambda layer: attention_output(model, layer, z_clean[layer]))  # [B, d]
     # senders of one layer share a pass that starts at their layer (at most `chunk` per pass)
     order = sorted(range(S_all), key=lambda s: senders[s][0])
     groups: list[list[int]] = []
@@ -440,9 +446,16 @@ def path_patch_fast_ld(
             hooks += [(_mlp(l), lambda x, hook, l=l: rep(mlp_clean[l])[:, None]) for l in range(first, top)]
         h = rep(resid_pre[first])[:, None]
         if receivers.kind == "logits":
-            with model.bridge.hooks(fwd_hooks=hooks):
-                normed = final_norm(model, run_blocks(model, h, range(first, L))[:, 0])
-            ld[:, group] = _two_logit_difference(model, normed, rep(data.answer), rep(data.distractor)).reshape(B, S)
+            # every head frozen: each block adds a known attention output, so only its norms and MLP run
+            z = rep(z_clean[first]).clone()
+            for s, hs in enumerate(heads):
+                z[every * S + s, hs] = torch.where(sender_on[:, None], z_corrupt[first][:, hs], z_clean[first][:, hs])
+            h = h[:, 0]
+            for layer in range(first, L):
+                attn = attention_output(model, layer, z) if layer == first else rep(attn_clean(layer))
+                h = mlp_only_block(model, layer, h, attn, rep(mlp_clean[layer]) if freeze_mlps else None)
+            ld[:, group] = _two_logit_difference(model, final_norm(model, h), rep(data.answer),
+                                                 rep(data.distractor)).reshape(B, S)
         else:
             for layer in receivers.layers:
                 if layer < first:  # below the senders: the receivers read their clean input

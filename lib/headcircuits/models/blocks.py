@@ -1,10 +1,12 @@
 """The model's own transformer blocks, run on a residual stream directly (hooks and all).
 
 Two exact engines start part-way up the model instead of at the embedding: the END-only engine (one token over
-the earlier tokens' cached keys and values, :func:`prefix_pass`; used by Talking Heads' traversal and fix in
-:mod:`headcircuits.channels` and by the repair in :mod:`headcircuits.interventions`, through
+the earlier tokens' cached keys and values, :func:`prefix_pass`, or many copies of it side by side,
+:func:`run_copies`; used by Talking Heads' traversal and fix in :mod:`headcircuits.channels` and by the repair
+and the attention under it in :mod:`headcircuits.interventions`, through
 :func:`headcircuits.metrics.end_only_logits`) and the fast path patching's step 2 (:mod:`headcircuits.patching`,
-one token with every head frozen, from the sender's layer).
+one token with every head frozen, from the sender's layer; into the logits, the norms and MLPs alone,
+:func:`mlp_only_block`).
 TransformerLens' ``start_at_layer`` still runs the lower blocks (and discards them), so it saves nothing; these
 helpers call the Hugging Face blocks that the bridge wraps, whose hook points fire as in a full pass.
 """
@@ -48,6 +50,25 @@ def run_blocks(
     return _through(model, h, layers, ids, None, cache)
 
 
+def run_copies(
+    model: Model, h: Float[Tensor, "rows copies d_model"], layers: Iterable[int], cache, position: int,
+) -> Float[Tensor, "rows copies d_model"]:
+    """Several independent reruns of one token per row (e.g. END under each point of a traversal), laid along the
+    sequence axis: copy ``j`` sits at sequence position ``position`` and attends to the ``position`` earlier
+    tokens in ``cache`` and to itself, never to another copy (a block-diagonal mask). The same as
+    :func:`run_blocks` on every copy as its own row, without repeating the cache of earlier tokens for each copy
+    (copying it was most of a long prompt's cost); hooks see the copies as positions ([rows, copies, ...])."""
+    rows, copies = h.shape[:2]
+    if cache is None or cache.get_seq_length() != position:
+        raise ValueError("run_copies needs the cache of the position earlier tokens")
+    _check_window(model, position + 1)
+    ids = torch.full((rows, copies), position, dtype=torch.long, device=h.device)
+    mask = torch.full((copies, position + copies), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device)
+    mask[:, :position] = 0
+    mask[:, position:].fill_diagonal_(0)
+    return _through(model, h, layers, ids, mask[None, None].expand(rows, 1, copies, position + copies), cache)
+
+
 def run_sequence(
     model: Model, h: Float[Tensor, "rows pos d_model"], layers: Iterable[int], cache=None, start: int = 0,
 ) -> Float[Tensor, "rows pos d_model"]:
@@ -68,23 +89,67 @@ def run_sequence(
     return _through(model, h, layers, ids, mask, cache)
 
 
+def attention_output(model: Model, layer: int, z: Float[Tensor, "rows head d_head"]) -> Float[Tensor, "rows d_model"]:
+    """Block ``layer``'s attention output from its heads' ``z`` (the output projection W_O, plus its bias), before
+    any post-attention norm: what the block adds to the residual stream, or (Gemma-3) normalises first."""
+    return hf_blocks(model)[1][layer].attn.o(z.flatten(-2))
+
+
+def mlp_only_block(
+    model: Model, layer: int, h: Float[Tensor, "rows d_model"], attn: Float[Tensor, "rows d_model"],
+    mlp: Float[Tensor, "rows d_model"] | None = None,
+) -> Float[Tensor, "rows d_model"]:
+    """Block ``layer`` on residual rows ``h`` whose attention output is already known (``attn``, from
+    :func:`attention_output`: e.g. heads frozen at given values), so that only the norms and the MLP run: no
+    query, key or value projection, no attention. ``mlp``: the MLP's contribution (``hook_mlp_out``) instead of
+    recomputing it. The family's residual wiring: sequential (GPT-2, Llama), Gemma-3's post-attention and
+    post-feed-forward norms, GPT-NeoX's parallel residual (the MLP reads the block's input)."""
+    block = hf_blocks(model)[1][layer]
+    family = model.facts.family
+    if family == "gemma3":
+        h = h + block.ln1_post(attn)
+        return h + (block.ln2_post(block.mlp(block.ln2(h))) if mlp is None else mlp)
+    if family == "gpt-neox" and block._original_component.use_parallel_residual:
+        return h + attn + (block.mlp(block.ln2(h)) if mlp is None else mlp)
+    h = h + attn
+    return h + (block.mlp(block.ln2(h)) if mlp is None else mlp)
+
+
+class _Done(Exception):
+    """Raised after the highest block a clean pass needs."""
+
+
 @torch.no_grad()
 def clean_pass(
-    model: Model, ids: Int[Tensor, "batch pos"], layer: int, hooks: list | None = None,
+    model: Model, ids: Int[Tensor, "batch pos"], layer: int, hooks: list | None = None, upto: int | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_model"], list[tuple[Tensor, Tensor]]]:
     """One pass of the model's own blocks over (right-padded) prompts, without the unembedding: the residual
-    stream entering block ``layer`` at every position, and every layer's keys and values ([batch, kv heads,
-    pos, d_head]; a prompt's first P of them are its prefix's, whatever follows). ``hooks`` run in the same pass
-    (e.g. to record other activations)."""
+    stream entering block ``layer`` at every position, and the keys and values ([batch, kv heads, pos, d_head];
+    a prompt's first P of them are its prefix's, whatever follows) of every layer up to ``upto`` (default: all;
+    the blocks above it are not run). ``hooks`` run in the same pass (e.g. to record other activations)."""
+    from transformers import DynamicCache
+
+    top = model.facts.n_layers - 1 if upto is None else upto
+    if not layer <= top < model.facts.n_layers:
+        raise ValueError(f"upto must lie between layer ({layer}) and the last layer, not {upto}")
     seen: dict[str, Tensor] = {}
 
     def record(x, hook):
         seen["h"] = x.detach().clone()
         return x
 
-    with model.bridge.hooks(fwd_hooks=[*(hooks or []), (f"blocks.{layer}.hook_resid_pre", record)]):
-        cache = hf_blocks(model)[0](input_ids=ids.to(model.device), use_cache=True).past_key_values
-    return seen["h"], [(c.keys, c.values) for c in cache.layers]
+    def done(x, hook):
+        raise _Done
+
+    base = hf_blocks(model)[0]
+    cache = DynamicCache(config=base.config)  # kept when the pass stops early
+    stop = [] if top == model.facts.n_layers - 1 else [(f"blocks.{top}.hook_resid_post", done)]
+    try:
+        with model.bridge.hooks(fwd_hooks=[*(hooks or []), (f"blocks.{layer}.hook_resid_pre", record), *stop]):
+            base(input_ids=ids.to(model.device), use_cache=True, past_key_values=cache)
+    except _Done:
+        pass
+    return seen["h"], [(c.keys, c.values) for c in cache.layers[: top + 1]]
 
 
 def _through(model: Model, h: Tensor, layers: Iterable[int], ids: Tensor, mask: Tensor | None, cache) -> Tensor:
@@ -143,5 +208,6 @@ def prefix_pass(
     ``layers`` (the last token's own are recomputed by every rerun, with :func:`run_blocks` at position
     ``length - 1``)."""
     _check_window(model, ids.shape[1])
-    h, kv = clean_pass(model, ids, first)
+    layers = list(layers)
+    h, kv = clean_pass(model, ids, first, upto=max(layers, default=first))
     return h[:, -1:], PrefixCache({l: (kv[l][0][..., :-1, :], kv[l][1][..., :-1, :]) for l in layers}, ids.shape[1] - 1)
