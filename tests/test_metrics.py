@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from headcircuits import metrics
@@ -91,3 +92,21 @@ def test_end_logits_skip_the_unembedding_of_other_positions_but_equal_the_full_l
     columns = torch.stack([data.answer, data.distractor], 1)
     normed = metrics.final_normed(tiny, data.clean.ids, positions=data.positions["END"])
     torch.testing.assert_close(metrics.unembed(tiny, normed, columns), full.gather(1, columns), rtol=1e-5, atol=1e-5)
+
+
+def test_recorded_activations_equal_the_cache_and_the_run_stops_after_the_last(tiny):
+    """metrics.recorded: the named activations of the full cached run, and nothing after the last of them runs
+    (no unembedding); an unknown name is an error that names it."""
+    ids = tiny.to_tokens(["When Mary and John went to the store, John gave a drink to"]).ids
+    names = ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_z", "ln_final.hook_out"]
+    _, cache = tiny.bridge.run_with_cache(ids, names_filter=lambda n: n in names)
+    later = []
+    got = metrics.recorded(tiny, ids, names[:2], hooks=[("unembed.hook_in", lambda x, hook: later.append(1)),
+                                                         ("blocks.2.hook_resid_pre", lambda x, hook: later.append(2))])
+    assert later == [] and set(got) == set(names[:2])
+    for n in names[:2]:
+        torch.testing.assert_close(got[n], cache[n], rtol=0, atol=0)
+    torch.testing.assert_close(metrics.recorded(tiny, ids, names)["ln_final.hook_out"], cache["ln_final.hook_out"],
+                               rtol=0, atol=0)
+    with pytest.raises(KeyError, match="blocks.9.attn.hook_pattern"):
+        metrics.recorded(tiny, ids, ["blocks.9.attn.hook_pattern"])

@@ -32,7 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from headcircuits import metrics, patching
-from headcircuits.metrics import attention_between_pairs
+from headcircuits.metrics import attention_between_pairs, recorded
 from headcircuits.models.core import Head, Model
 from headcircuits.tasks.base import TaskData
 
@@ -261,9 +261,8 @@ def direct_logit_difference(model: Model, data: TaskData, batch_size: int = 32) 
     L, H = model.facts.n_layers, model.facts.n_heads
     post = model.facts.post_attn_norm
 
-    def names(n: str) -> bool:
-        return n.endswith("attn.hook_z") or n in ("ln_final.hook_in", "ln_final.hook_out") or (
-            post and n.endswith("ln1_post.hook_scale"))
+    names = [*(f"blocks.{l}.attn.hook_z" for l in range(L)), *(f"blocks.{l}.ln1_post.hook_scale" for l in range(L) if post),
+             "ln_final.hook_in", "ln_final.hook_out"]
 
     W_U = model.bridge.W_U.detach()  # [d_model, vocab]
     W_O = model.bridge.W_O.detach()  # [L, H, d_head, d_model]
@@ -271,7 +270,7 @@ def direct_logit_difference(model: Model, data: TaskData, batch_size: int = 32) 
     post_weight = _post_attention_gains(model) if post else None  # [L, d_model]: (1 + w)
     out = torch.zeros(L, H, device=model.device)
     for batch in data.batches(batch_size, device=model.device):
-        _, cache = model.bridge.run_with_cache(batch.ids, names_filter=names)
+        cache = recorded(model, batch.ids, names)
         resid, normed = batch.gather(cache["ln_final.hook_in"], "END"), batch.gather(cache["ln_final.hook_out"], "END")
         centred = resid - resid.mean(-1, keepdim=True) if model.facts.norm == "layernorm" else resid
         # the final norm as a per-prompt, per-dimension linear map at its clean operating point (bias excluded)
