@@ -399,7 +399,8 @@ def traverse(
             except _Stop:
                 pass
             # each point's attention to the earlier tokens, then to END itself (its own copy)
-            att = torch.cat([pattern["p"][..., : length - 1], pattern["p"][..., length - 1:].diagonal(dim1=1, dim2=2)[..., None]], -1)
+            seen = pattern["p"]
+            att = torch.cat([seen[..., : length - 1], seen[..., length - 1:].diagonal(dim1=1, dim2=2)[..., None]], -1)
             att = att.float().transpose(0, 1)  # [point, prompt, key position]
             pos = key_pos[index].to(att.device)[None].expand(p, -1, -1)
             out[start:start + p, index] = att.gather(2, pos).cpu()

@@ -261,8 +261,8 @@ def direct_logit_difference(model: Model, data: TaskData, batch_size: int = 32) 
     L, H = model.facts.n_layers, model.facts.n_heads
     post = model.facts.post_attn_norm
 
-    names = [*(f"blocks.{l}.attn.hook_z" for l in range(L)), *(f"blocks.{l}.ln1_post.hook_scale" for l in range(L) if post),
-             "ln_final.hook_in", "ln_final.hook_out"]
+    names = [*(f"blocks.{l}.attn.hook_z" for l in range(L)), "ln_final.hook_in", "ln_final.hook_out",
+             *(f"blocks.{l}.ln1_post.hook_scale" for l in range(L) if post)]
 
     W_U = model.bridge.W_U.detach()  # [d_model, vocab]
     W_O = model.bridge.W_O.detach()  # [L, H, d_head, d_model]

@@ -432,31 +432,27 @@ def path_patch_fast_ld(
         rep = lambda t: t.repeat_interleave(S, dim=0)  # noqa: E731  row b*S + s: prompt b, sender group[s]
         heads = [senders[s][1] for s in group]
 
-        # step 2, one token per (prompt, sender) from the senders' layer: below it the frozen run is the clean run
-        def freeze(z, hook, layer):
-            frozen = rep(z_clean[layer]).clone()
-            if layer == first:
-                for s, hs in enumerate(heads):
-                    patched = torch.where(sender_on[:, None], z_corrupt[layer][:, hs], z_clean[layer][:, hs])
-                    frozen[every * S + s, hs] = patched
-            return frozen[:, None]
-
-        hooks: list[tuple[str, Callable]] = [(_z(l), lambda z, hook, l=l: freeze(z, hook, l)) for l in range(first, top)]
-        if freeze_mlps:
-            hooks += [(_mlp(l), lambda x, hook, l=l: rep(mlp_clean[l])[:, None]) for l in range(first, top)]
-        h = rep(resid_pre[first])[:, None]
+        # step 2, one token per (prompt, sender) from the senders' layer: below it the frozen run is the clean run;
+        # in the senders' layer each row's sender head holds its counterfactual z (where the sender is patched)
+        z_first = rep(z_clean[first]).clone()
+        for s, hs in enumerate(heads):
+            z_first[every * S + s, hs] = torch.where(sender_on[:, None], z_corrupt[first][:, hs], z_clean[first][:, hs])
+        h = rep(resid_pre[first])
         if receivers.kind == "logits":
             # every head frozen: each block adds a known attention output, so only its norms and MLP run
-            z = rep(z_clean[first]).clone()
-            for s, hs in enumerate(heads):
-                z[every * S + s, hs] = torch.where(sender_on[:, None], z_corrupt[first][:, hs], z_clean[first][:, hs])
-            h = h[:, 0]
             for layer in range(first, L):
-                attn = attention_output(model, layer, z) if layer == first else rep(attn_clean(layer))
+                attn = attention_output(model, layer, z_first) if layer == first else rep(attn_clean(layer))
                 h = mlp_only_block(model, layer, h, attn, rep(mlp_clean[layer]) if freeze_mlps else None)
             ld[:, group] = _two_logit_difference(model, final_norm(model, h), rep(data.answer),
                                                  rep(data.distractor)).reshape(B, S)
         else:
+            def freeze(z, hook, layer):
+                return (z_first if layer == first else rep(z_clean[layer]))[:, None]
+
+            hooks: list[tuple[str, Callable]] = [(_z(l), lambda z, hook, l=l: freeze(z, hook, l))
+                                                 for l in range(first, top)]
+            if freeze_mlps:
+                hooks += [(_mlp(l), lambda x, hook, l=l: rep(mlp_clean[l])[:, None]) for l in range(first, top)]
             for layer in receivers.layers:
                 if layer < first:  # below the senders: the receivers read their clean input
                     values = clean_inputs[layer][:, None].expand(B, S, *clean_inputs[layer].shape[1:])
@@ -475,7 +471,7 @@ def path_patch_fast_ld(
                 hooks.append((_receiver_hook_name(receivers.kind, layer), record))
             try:
                 with model.bridge.hooks(fwd_hooks=hooks):
-                    run_blocks(model, h, range(first, top))
+                    run_blocks(model, h[:, None], range(first, top))
             except _Stop:
                 pass
         bar.update()
