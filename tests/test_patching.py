@@ -158,6 +158,24 @@ def test_fast_path_patching_agrees_with_the_reference_at_any_receiver_position(t
         assert_same_effects(fast, ref, base, _atol(model))
 
 
+@pytest.mark.parametrize("kind,position", [("k", "S1+1"), ("v", "S2"), ("q", "END")])
+def test_fast_path_senders_between_receiver_layers_join_step3_above_them(tiny, kind, position):
+    """Receivers in two layers with senders between them: a sender's step 3 starts at the lowest receiver layer
+    above it (below it its run is the clean one), so rows join the run at different layers, in chunks that mix
+    them (max_rows=3). Equal to the reference."""
+    model = _float64(tiny.name)
+    data = ioi.generate(model, 6, seed=2, counterfactual="abc")
+    H = model.facts.n_heads
+    heads = ((1, 0), (1, 1), *((2, h) for h in range(H)))
+    receivers = patching.Receivers(kind, heads=heads, position=position)
+    senders = receivers.senders(model.facts.n_layers, H)
+    assert {layer for layer, _ in senders} == {0, 1}  # layer 0 joins at 1, layer 1's other heads at 2
+    base = patching.baseline(model, data)
+    ref, _ = patching.path_patch_ld(model, data, receivers, base=base, progress=False)
+    fast, _ = patching.path_patch_fast_ld(model, data, receivers, base=base, max_rows=3, progress=False)
+    assert_same_effects(fast, ref, base, _atol(model))
+
+
 def test_a_broken_fast_path_is_caught(tiny):
     """The agreement check can fail: a fast path that loses one layer's sender patch (here, by handing it a
     baseline whose counterfactual outputs of layer 1 are the clean ones) disagrees with the reference."""
@@ -225,7 +243,8 @@ def test_fast_and_reference_agree_on_the_embedded_model(smollm2):
     data = ioi.generate(smollm2, 8, seed=0, counterfactual="abc")
     senders = [(l, h) for l in (3, 17, 22) for h in (0, 4, 8)]
     for receivers in [patching.Receivers("logits"), patching.Receivers("q", heads=((23, 0), (24, 4))),
-                      patching.Receivers("v", heads=((23, 0), (24, 4)), position="S2")]:
+                      patching.Receivers("v", heads=((23, 0), (24, 4)), position="S2"),
+                      patching.Receivers("k", heads=((8, 1), (23, 0)), position="S1+1")]:  # senders join at 8, 23
         ref = patching.path_patch(smollm2, data, receivers, senders, method="reference", progress=False)
         fast = patching.path_patch(smollm2, data, receivers, senders, method="fast", progress=False)
         torch.testing.assert_close(fast, ref, rtol=1e-3, atol=1e-4, equal_nan=True)
