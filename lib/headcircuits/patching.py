@@ -390,12 +390,12 @@ def path_patch_fast_ld(
     (:func:`headcircuits.models.blocks.mlp_only_block`): no query, key or value projection, no attention.
     Receivers below a sender's layer read their clean input. In step 3 only the receivers' inputs at P change, so
     every position before P, and every layer below the lowest receiver at every position, is the clean run: one
-    clean pass over all prompts gives the residual entering the lowest receiver layer and every layer's keys and
-    values; then, per prompt, its tokens P..END start at that layer from their clean residual, over the clean keys
-    and values of the tokens before P, one row per sender (at most ``max_rows`` at a time). A sender between
-    receiver layers changes no receiver at or below its own layer, so its row joins at the lowest receiver layer
-    above it, from the clean residual there (the previous-token stage of chapter 03: 20 % less work). The unembedding is
-    skipped: the logit difference needs two columns.
+    clean pass over all prompts gives the residual entering each receiver layer and every layer's keys and
+    values; then, per prompt, its tokens P..END start at the lowest receiver layer from their clean residual, over
+    the clean keys and values of the tokens before P, one row per sender (at most ``max_rows`` at a time). A sender
+    between receiver layers changes no receiver at or below its own layer, so its row joins at the lowest receiver
+    layer above it, from the clean residual there (chapter 03's previous-token stage: 20 % less work). The
+    unembedding is skipped: the logit difference needs two columns.
     Agreement with the reference is tested on every tiny family for logits and q / k / v receivers.
     """
     receivers.check(model, data)
@@ -502,7 +502,8 @@ class _Step3Clean:
 
 def _clean_for_step3(model: Model, data: TaskData, receivers: Receivers, where: Tensor) -> _Step3Clean:
     """One clean pass over every prompt (:func:`headcircuits.models.blocks.clean_pass`), recording what step 3 and
-    the receivers below a sender's layer need."""
+    the receivers below a sender's layer need (the residuals from this pass, not the baseline's, so that they and
+    the keys and values come from one run)."""
     seen: dict[int, Tensor] = {}
     rows = torch.arange(len(data), device=model.device)
 
@@ -517,8 +518,10 @@ def _clean_for_step3(model: Model, data: TaskData, receivers: Receivers, where: 
         return x
 
     low = min(receivers.layers)
-    hooks = [(_receiver_hook_name(receivers.kind, l), lambda x, hook, l=l: record(x, hook, l)) for l in receivers.layers]
-    hooks += [(f"blocks.{l}.hook_resid_pre", lambda x, hook, l=l: keep(x, hook, l)) for l in receivers.layers if l > low]
+    hooks = [(_receiver_hook_name(receivers.kind, l), lambda x, hook, l=l: record(x, hook, l))
+             for l in receivers.layers]
+    hooks += [(f"blocks.{l}.hook_resid_pre", lambda x, hook, l=l: keep(x, hook, l))
+              for l in receivers.layers if l > low]
     entering[low], kv = clean_pass(model, data.clean.ids, low, hooks)
     return _Step3Clean(low, entering, kv, seen)
 
