@@ -323,6 +323,36 @@ def test_the_traversal_equals_the_plain_hooked_forward_pass(tiny, mode, monkeypa
         channels.traverse(tiny, data, high, points[:, :1], (0, 0), keys, progress=False)
 
 
+def test_reading_the_channel_at_end_shares_the_traversals_pass_and_equals_the_full_run(tiny, monkeypatch):
+    """At END, coefficients run END alone over the prompts' cached pass (several lengths, heads in two layers):
+    equal to the batched full run (any hooks, even none, take that path); with
+    ``through`` at the mover's layer, the traversal that follows runs no pass of its own, and still equals the
+    plain hooked run."""
+    from headcircuits.models import blocks
+
+    w = svd.from_model(tiny)
+    data = laundry_list.generate(tiny, 5, seed=1, lengths=[2, 3, 4])
+    assert len(set(data.clean.lengths.tolist())) > 2
+    channel = channels.Channel.pick(w, {(0, 1): [0, 2], (1, 3): [1, 0]}, offsets=svd.value_offsets(tiny))
+    full = channel.coefficients(tiny, data, hooks=[], batch_size=4)  # the general path: a batched full run
+    calls, prefix_pass = [], blocks.prefix_pass
+    monkeypatch.setattr(blocks, "prefix_pass", lambda *a, **k: calls.append(a[3]) or prefix_pass(*a, **k))
+    mover = (2, 1)
+    fast = channel.coefficients(tiny, data, through=mover[0])
+    assert calls and all(list(layers) == [0, 1, 2] for layers in calls)  # kept through the mover's layer
+    assert (fast - full).abs().max() < 1e-3 * full.abs().max()  # tiny models' heads write little: relative
+    keys = ["ITEM_0", "ITEM_1"]
+    points = torch.tensor([[0.5, -1.0, 2.0, 0.0], [-2.0, 1.0, 0.0, 3.0]])
+    calls.clear()
+    seen = channels.traverse(tiny, data, channel, points, mover, keys, progress=False)
+    assert calls == []  # the read's pass, reused
+    for i, point in enumerate(points):
+        replaced = channels.ChannelReplacement(channel, point).hooks_for(data)(0, len(data))
+        assert (seen[i] - head_attention_full_pass(tiny, data, mover, "END", keys, replaced)).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="through must lie between"):
+        channel.coefficients(tiny, data, through=0)
+
+
 def test_pieces_counts_connected_regions_per_index():
     labels = torch.tensor([
         [0, 0, 1],
@@ -406,14 +436,20 @@ def test_end_only_logits_equal_the_plain_run_under_the_same_replacement(tiny):
         metrics.evaluate(tiny, data, logits=fast, cache_as="none")
 
 
-def test_several_value_sets_share_one_pass(tiny):
+def test_several_value_sets_share_one_pass(tiny, monkeypatch):
     w = svd.from_model(tiny)
     data = laundry_list.generate(tiny, 3, seed=2, lengths=[3, 4])
     channel = channels.Channel.pick(w, {(2, 1): [0]})
     a, b = torch.tensor([1.5]), torch.randn(len(data), 1)
     both = channels.end_logits_under(tiny, data, channel, [a, b])
-    assert torch.allclose(both[0], channels.end_logits_under(tiny, data, channel, a))
-    assert torch.allclose(both[1], channels.end_logits_under(tiny, data, channel, b))
+    monkeypatch.setattr(metrics, "UNEMBED_ROWS", 4)  # chunks of the unembedding that straddle the two sets
+    chunked = channels.end_logits_under(tiny, data, channel, [a, b])
+    assert all((x - y).abs().max() < 1e-5 for x, y in zip(chunked, both))
+    monkeypatch.undo()
+    assert (both[0] - both[1]).abs().max() > 0.05  # the two sets give different logits (0.1 to 1.1 here)
+    # equal to one set at a time up to float rounding (the unembedding takes the sets' rows together)
+    assert (both[0] - channels.end_logits_under(tiny, data, channel, a)).abs().max() < 1e-5
+    assert (both[1] - channels.end_logits_under(tiny, data, channel, b)).abs().max() < 1e-5
     plain, *edited = channels.end_logits_under(tiny, data, channel, [None, a])  # None: the unedited logits
     assert (plain - metrics.end_logits(tiny, data)).abs().max() < 1e-4
-    assert torch.allclose(edited[0], both[0])
+    assert (edited[0] - both[0]).abs().max() < 1e-5

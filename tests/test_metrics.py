@@ -85,10 +85,12 @@ def test_summary_counts_prompts_as_an_integer(tiny):
     assert summary["n"] == 7 and isinstance(summary["n"], int)
 
 
-def test_end_logits_skip_the_unembedding_of_other_positions_but_equal_the_full_logits(tiny):
+def test_end_logits_skip_the_unembedding_of_other_positions_but_equal_the_full_logits(tiny, monkeypatch):
     data = ioi.generate(tiny, 5, seed=2)
     full = tiny.logits(data.clean)[torch.arange(5), data.positions["END"]]
     torch.testing.assert_close(metrics.end_logits(tiny, data, batch_size=2), full, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(metrics, "UNEMBED_ROWS", 2)  # the unembedding in chunks that cut across the batches
+    torch.testing.assert_close(metrics.end_logits(tiny, data, batch_size=3), full, rtol=1e-5, atol=1e-5)
     columns = torch.stack([data.answer, data.distractor], 1)
     normed = metrics.final_normed(tiny, data.clean.ids, positions=data.positions["END"])
     torch.testing.assert_close(metrics.unembed(tiny, normed, columns), full.gather(1, columns), rtol=1e-5, atol=1e-5)

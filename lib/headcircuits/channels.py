@@ -127,10 +127,23 @@ class Channel:
     @torch.no_grad()
     def coefficients(
         self, model: Model, data: TaskData, position: str = "END", hooks: list | None = None, batch_size: int = 64,
+        *, through: int | None = None,
     ) -> Float[Tensor, "batch coef"]:
         """Each head's output at ``position`` read along its component directions, ``[batch, head * k]``.
-        The run stops after the last head's layer (``hooks``: extra interventions in the same run)."""
+        The run stops after the last head's layer (``hooks``: extra interventions in the same run).
+
+        At END (each prompt's last token) with no ``hooks``, the read shares the traversal's pass over the prompts
+        (:func:`headcircuits.metrics.prefix_groups`, kept with ``reuse``): the pass keeps the earlier tokens' keys
+        and values from the channel's lowest layer through ``through`` (default: its highest), and END alone goes
+        on through the channel's layers. Pass the mover's layer as ``through`` and a :func:`traverse` of the same
+        prompts up to that mover runs no pass of its own (Talking Heads §5.2 reads the coordinates, then
+        traverses)."""
         layers = sorted({l for l, _ in self.heads})
+        if through is not None and not layers[-1] <= through < model.facts.n_layers:
+            raise ValueError(f"through must lie between the channel's highest layer ({layers[-1]}) and the last "
+                             f"layer ({model.facts.n_layers - 1}), not {through}")
+        if position == "END" and hooks is None and bool((data.at("END") == data.clean.lengths - 1).all()):
+            return self._end_coefficients(model, data, layers, layers[-1] if through is None else through)
         out = []
         for batch in data.batches(batch_size, device=model.device):
             seen: dict[int, Tensor] = {}
@@ -143,11 +156,30 @@ class Channel:
             # extra hooks first: an intervention on a head's z is seen by the recorder on the same hook point
             model.bridge.run_with_hooks(batch.ids, fwd_hooks=[*(hooks or []), *record_hooks],
                                         stop_at_layer=layers[-1] + 1)
-            per_head = [(batch.gather(seen[l], position)[:, h].float().cpu()
-                         - (0 if self.offsets is None else self.offsets[i])) @ self.W_O[i] @ self.directions[i].T
-                        for i, (l, h) in enumerate(self.heads)]
-            out.append(torch.cat(per_head, dim=-1))
+            out.append(self._read({l: batch.gather(z, position) for l, z in seen.items()}))
         return torch.cat(out)
+
+    def _read(self, z_of_layer: dict[int, Tensor]) -> Float[Tensor, "batch coef"]:
+        """The coefficients from each channel layer's ``z`` at the read position ([batch, head, d_head])."""
+        return torch.cat([((z_of_layer[l][:, h].float().cpu() - (0 if self.offsets is None else self.offsets[i]))
+                           @ self.W_O[i] @ self.directions[i].T) for i, (l, h) in enumerate(self.heads)], dim=-1)
+
+    def _end_coefficients(self, model: Model, data: TaskData, layers: list[int], through: int) -> Tensor:
+        """:meth:`coefficients` at END by the END-only engine: END from the lowest channel layer up, over the
+        earlier tokens' cached keys and values (the pass kept for a traversal through ``through``)."""
+        from headcircuits.models.blocks import run_blocks
+
+        parts, order = [], []
+        for index, length, h, prefix in prefix_groups(model, data, layers[0], range(layers[0], through + 1),
+                                                      reuse=True):
+            seen: dict[int, Tensor] = {}
+            record = [(f"blocks.{l}.attn.hook_z", lambda z, hook, l=l: seen.__setitem__(l, z[:, 0].clone()))
+                      for l in layers]
+            with model.bridge.hooks(fwd_hooks=record):
+                run_blocks(model, h, range(layers[0], layers[-1] + 1), prefix, length - 1)
+            parts.append(self._read(seen))
+            order.append(index)
+        return torch.cat(parts)[torch.cat(order).argsort()]
 
     def fit(self, coefficients: Float[Tensor, "batch coef"], labels, rank: int = 3, groups=None) -> "Channel":
         """The positional subspace: top ``rank`` principal axes of the per-label means of ``coefficients``

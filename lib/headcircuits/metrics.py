@@ -88,15 +88,21 @@ def final_normed(
     return grabbed["x"]
 
 
+#: rows per product in :func:`unembed`: a large vocabulary's product is bound by reading W_U (one row costs about
+#: as much as 13 with Gemma-3's 262,144 columns on 2 CPU cores) until some 256 rows share a read
+UNEMBED_ROWS = 256
+
+
 def unembed(
     model: Model, normed: Float[Tensor, "batch d_model"], columns: Int[Tensor, "batch k"] | None = None
 ) -> Float[Tensor, "batch k"]:
     """Logits from the final-norm output: all of them, or only ``columns`` per row; the model's final logit
-    soft-capping is applied if it has one (so this equals the model's own logits)."""
+    soft-capping is applied if it has one (so this equals the model's own logits). All the vocabulary is computed
+    :data:`UNEMBED_ROWS` rows at a time: give it every row at once rather than a few at a time."""
     W_U, b_U = model.bridge.W_U.detach(), model.bridge.b_U.detach()
     normed = normed.to(W_U.device)
     if columns is None:
-        logits = normed @ W_U + b_U
+        logits = torch.cat([rows @ W_U + b_U for rows in normed.split(UNEMBED_ROWS)]) if len(normed) else normed @ W_U
     else:
         columns = columns.to(W_U.device)
         logits = torch.einsum("bd,dbk->bk", normed, W_U[:, columns]) + b_U[columns]
@@ -111,11 +117,11 @@ def end_logits(
     """Logits at END of the clean (or ``corrupt``) prompts, computed in batches on the model's device (unembedding
     END only), returned on the CPU; ``hooks_for(start, stop)`` gives forward hooks for each batch (an
     intervention, see :mod:`headcircuits.interventions`)."""
-    out = []
+    normed = []
     for batch in data.batches(batch_size, which, model.device):
         hooks = [] if hooks_for is None else hooks_for(batch.start, batch.stop)
-        out.append(unembed(model, final_normed(model, batch.ids, hooks, batch.at("END"))).cpu())
-    return torch.cat(out)
+        normed.append(final_normed(model, batch.ids, hooks, batch.at("END")))
+    return unembed(model, torch.cat(normed)).cpu()
 
 
 #: END-only hooks for a group of prompts (their indices in the TaskData), applied to END alone: every activation
@@ -176,13 +182,24 @@ def end_only_logits(
     from headcircuits.models.blocks import final_norm, run_blocks
 
     layers = range(first, model.facts.n_layers)
-    out = [torch.zeros(len(data), model.facts.d_vocab) for _ in conditions]
+    normed: list[list[Tensor]] = [[] for _ in conditions]
+    order = []
     for index, length, h, prefix in prefix_groups(model, data, first, layers):
-        for logits, hooks_of in zip(out, conditions):
+        order.append(index)
+        for rows, hooks_of in zip(normed, conditions):
             with model.bridge.hooks(fwd_hooks=hooks_of(index) if hooks_of else []):
                 h_end = run_blocks(model, h, layers, prefix, length - 1)
-            logits[index] = unembed(model, final_norm(model, h_end)[:, 0]).float().cpu()
-    return out
+            rows.append(final_norm(model, h_end)[:, 0])
+    # the unembedding takes every condition's rows together, UNEMBED_ROWS at a time (a group of one length is
+    # often a few prompts), each chunk written straight to its rows of the output
+    n, index = len(data), torch.cat(order)
+    target = torch.cat([c * n + index for c in range(len(conditions))])
+    rows = torch.cat([torch.cat(r) for r in normed])
+    out = torch.zeros(len(conditions) * n, model.facts.d_vocab)
+    for start in range(0, len(rows), UNEMBED_ROWS):
+        chunk = slice(start, start + UNEMBED_ROWS)
+        out[target[chunk]] = unembed(model, rows[chunk]).float().cpu()
+    return list(out.split(n))
 
 
 def candidate_logits(end_logits: Float[Tensor, "batch vocab"], candidates: Int[Tensor, "batch cand"]) -> Float[Tensor, "batch cand"]:
