@@ -6,6 +6,9 @@
 Target (issue 12): a 10 x 10 x 10 grid on 250 Laundry List prompts of one N in under 5 minutes on 2 CPU cores,
 exact. Prints grid points x prompts per second, the time, the peak memory, how long the plain hooked forward pass
 takes per point on the same prompts, and the paper's cost for a sweep (about 12 hours per dataset on one RTX 3090).
+It also times reading the channel's coordinates (which set the grid) and then traversing, as the chapter does:
+with the read's pass over the prompts kept for the traversal (``coefficients(..., through=mover layer)``), and
+without (the read and the traversal each run the prompts).
 The channel and mover default to heads of the embedded model's IOI circuit (any heads give the same timing);
 ``--check K`` compares K grid points with the plain hooked forward pass.
 """
@@ -16,7 +19,7 @@ import time
 
 import torch
 
-from headcircuits import channels, svd
+from headcircuits import channels, metrics, svd
 from headcircuits.models import load_model
 from headcircuits.tasks import laundry_list
 
@@ -50,12 +53,26 @@ def main() -> None:
     channel = channels.Channel.pick(weights, picked, offsets=svd.value_offsets(model))
     data = laundry_list.generate(model, args.prompts, seed=0, lengths=args.length)
     keys = [f"ITEM_{k}" for k in range(args.length)]
-    spread = channel.coefficients(model, data).abs().max(0).values * 1.5
+    timings = {}
+    for shared in (False, True):  # read the coordinates, then traverse a 2 x 2 x 2 grid, as the chapter does
+        metrics._RECENT.clear()  # no pass kept from before
+        start = time.perf_counter()
+        coords = channel.coefficients(model, data, through=mover[0] if shared else None)
+        small = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0])] * coords.shape[1])
+        channels.traverse(model, data, channel, small, mover, keys, progress=False)
+        timings[shared] = time.perf_counter() - start
+    same = max(l for l, _ in channel.heads) == mover[0]
+    print(f"read the coordinates, then traverse 8 points: {timings[True]:.1f} s with the read's pass kept for the "
+          f"traversal (through = the mover's layer), {timings[False]:.1f} s with a pass each"
+          + (" (no difference to expect: the channel's highest layer is the mover's, so the read keeps the "
+             "traversal's pass by default)" if same else ""))
+    spread = coords.abs().max(0).values * 1.5
     axes = [torch.linspace(-float(s), float(s), args.grid) for s in spread]
     points = torch.cartesian_prod(*axes)
     print(f"{args.model} on {model.device}; torch threads {torch.get_num_threads()}; channel {channel.labels}, "
           f"mover {mover[0]}.{mover[1]}; {len(points)} grid points x {len(data)} prompts of N = {args.length} "
           f"(mean length {float(data.clean.lengths.float().mean()):.0f} tokens)")
+    metrics._RECENT.clear()  # the traversal's time includes its pass over the prompts, as before
     start = time.perf_counter()
     attention = channels.traverse(model, data, channel, points, mover, keys, progress=False)
     elapsed = time.perf_counter() - start

@@ -79,6 +79,25 @@ def test_a_failing_chapter_stops_the_build_and_names_its_executed_copy(tmp_path)
     assert not (out / "bad.run.json").exists()  # no record: the next build runs it again
 
 
+def test_the_two_editions_render_side_by_side_and_a_failing_one_fails_the_build(tmp_path, monkeypatch, capsys):
+    """book.render runs every Sphinx build at once (here a stand-in jupyter-book that waits until both builds
+    have started, so builds run one after the other fail, and that fails for a stage named "bad"): both logs
+    are printed whole, in order, and a failure in either raises."""
+    fake = tmp_path / "bin" / "jupyter-book"
+    fake.parent.mkdir()
+    fake.write_text("""#!/bin/sh
+touch "$2.started"
+for i in $(seq 100); do [ "$(ls "$(dirname "$2")" | grep -c '[.]started$')" -ge 2 ] && break; sleep 0.1; done
+[ "$(ls "$(dirname "$2")" | grep -c '[.]started$')" -ge 2 ] || { echo "ran alone"; exit 3; }
+echo "built $2"
+case "$2" in *bad*) echo "WARNING: broken"; exit 2;; esac
+""")
+    fake.chmod(0o755)
+    monkeypatch.setattr(book.sys, "executable", str(fake.with_name("python")))
+    book.render((tmp_path / "student", tmp_path / "a"), (tmp_path / "instructor", tmp_path / "b"))
+    out = capsys.readouterr().out
+
+
 def test_the_execution_report_lists_every_chapter_its_time_memory_and_overrides(tmp_path):
     records = [
         {"notebook": "01_a.ipynb", "parameters": {"model_names": '["smollm2-135m", "gemma-3-270m"]', "n_prompts": "40"},

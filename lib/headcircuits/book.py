@@ -392,14 +392,22 @@ def stage_sources(root: Path, executed: Iterable[Path], stage: Path, which: str 
     shutil.copy2(root / "book" / "_css" / "headcircuits.css", stage / "_vendor" / "headcircuits.css")
 
 
-def render(stage: Path, html_parent: Path) -> None:
-    """Jupyter Book 1, execution off, strict. Raises if Sphinx reports any warning."""
-    cmd = [
+def render(*builds: tuple[Path, Path]) -> None:
+    """Jupyter Book 1, execution off, strict: one build per ``(stage, html_parent)``, all side by side (Sphinx
+    runs on one core; the editions share no file), each one's log printed whole once they are done. Raises if
+    Sphinx reports any warning in any of them."""
+    cmds = [[
         str(Path(sys.executable).with_name("jupyter-book")), "build", str(stage),
         "--config", str(stage / "_config.yml"), "--toc", str(stage / "book" / "_toc.yml"),
         "--path-output", str(html_parent), "-W", "-n", "--keep-going", "--all",
-    ]
-    subprocess.run(cmd, check=True)
+    ] for stage, html_parent in builds]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in cmds]
+    logs = [proc.communicate()[0] for proc in procs]
+    for text in logs:
+        print(text, end="", flush=True)
+    for proc, cmd in zip(procs, cmds):
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, cmd)
 
 
 def build(root: Path, out: Path, parameters: dict | None = None, *, log=print) -> Path:
@@ -411,10 +419,9 @@ def build(root: Path, out: Path, parameters: dict | None = None, *, log=print) -
     work = out / "_build"
     executed = execute_notebooks(notebooks_in_toc(root), work / "executed", parameters, log=log)
     stage_sources(root, executed, work / "source", "student")
-    render(work / "source", out)
     # the instructor edition: the same executed notebooks, solutions shown, into _build/html-instructor
     stage_sources(root, executed, work / "source-instructor", "instructor")
-    render(work / "source-instructor", work / "instructor")
+    render((work / "source", out), (work / "source-instructor", work / "instructor"))
     instructor = work / "html-instructor"
     shutil.rmtree(instructor, ignore_errors=True)
     shutil.move(work / "instructor" / "_build" / "html", instructor)
