@@ -55,7 +55,7 @@ def main() -> None:
     keys = [f"ITEM_{k}" for k in range(args.length)]
     timings = {}
     for shared in (False, True):  # read the coordinates, then traverse a 2 x 2 x 2 grid, as the chapter does
-        metrics._RECENT.clear()  # no pass kept from before
+        metrics.forget_recent()  # no pass kept from before
         start = time.perf_counter()
         coords = channel.coefficients(model, data, through=mover[0] if shared else None)
         small = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0])] * coords.shape[1])
@@ -72,7 +72,7 @@ def main() -> None:
     print(f"{args.model} on {model.device}; torch threads {torch.get_num_threads()}; channel {channel.labels}, "
           f"mover {mover[0]}.{mover[1]}; {len(points)} grid points x {len(data)} prompts of N = {args.length} "
           f"(mean length {float(data.clean.lengths.float().mean()):.0f} tokens)")
-    metrics._RECENT.clear()  # the traversal's time includes its pass over the prompts, as before
+    metrics.forget_recent()  # the traversal's time includes its pass over the prompts, as before
     start = time.perf_counter()
     attention = channels.traverse(model, data, channel, points, mover, keys, progress=False)
     elapsed = time.perf_counter() - start

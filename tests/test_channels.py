@@ -353,6 +353,105 @@ def test_reading_the_channel_at_end_shares_the_traversals_pass_and_equals_the_fu
         channel.coefficients(tiny, data, through=0)
 
 
+def test_the_fix_can_unembed_the_listed_items_only(tiny, monkeypatch):
+    """end_logits_under(columns=the items) gives exactly the items' columns of the whole vocabulary's logits
+    (padding included, clamped), and candidate_correct on them equals evaluate's candidate_correct; chunks of the
+    unembedding cut across conditions and prompts."""
+    w = svd.from_model(tiny)
+    data = laundry_list.generate(tiny, 6, seed=4, lengths=[2, 3, 4])
+    items = metrics.candidates_of(data)
+    assert (items < 0).any()  # shorter lists are padded
+    channel = channels.Channel.pick(w, {(1, 0): [0], (2, 3): [1]}, offsets=svd.value_offsets(tiny))
+    values = [None, torch.randn(len(data), 2) * 3, torch.tensor([4.0, -4.0])]
+    whole = channels.end_logits_under(tiny, data, channel, values)
+    monkeypatch.setattr(metrics, "UNEMBED_ROWS", 4)
+    picked = channels.end_logits_under(tiny, data, channel, values, columns=items)
+    for full, few in zip(whole, picked):
+        assert few.shape == items.shape
+        assert (few - full.gather(1, items.clamp(min=0))).abs().max() < 1e-5
+        assert (metrics.candidate_correct(data, few).tolist()
+                == metrics.evaluate(tiny, data, logits=full).candidate_correct.tolist())
+    correct = [metrics.candidate_correct(data, few) for few in picked]
+    assert any(not torch.equal(correct[0], c) for c in correct[1:])  # the values change some answers
+    # padding is ignored: a huge logit in a padded slot changes nothing
+    padded = picked[0].masked_fill(items < 0, 1e9)
+    assert torch.equal(metrics.candidate_correct(data, padded), correct[0])
+    with pytest.raises(ValueError, match="candidates'"):
+        metrics.candidate_correct(data, whole[0])
+    with pytest.raises(ValueError, match="one row per prompt"):
+        channels.end_logits_under(tiny, data, channel, values, columns=items[:2])
+
+
+def test_a_pass_kept_to_the_last_layer_serves_the_traversal_and_the_oracle_fix(tiny, monkeypatch):
+    """Chapter 06 reads the channel with ``through`` the last layer at the fix's lengths: the traversal (up to the
+    mover) and end_logits_under on the same prompts then run no pass of their own and give exactly what they give
+    from passes of their own; a pass kept only to the mover does not cover the fix, which runs its own."""
+    from headcircuits.models import blocks
+
+    w = svd.from_model(tiny)
+    data = laundry_list.generate(tiny, 5, seed=3, lengths=[2, 3, 4])
+    channel = channels.Channel.pick(w, {(0, 1): [0], (1, 3): [1]}, offsets=svd.value_offsets(tiny))
+    mover, keys, top = (1, 2), ["ITEM_0", "ITEM_1"], tiny.facts.n_layers - 1
+    points = torch.tensor([[0.5, -1.0], [-2.0, 3.0]])
+    values = [None, torch.randn(len(data), 2) * 2]
+    metrics.forget_recent()
+    own_traversal = channels.traverse(tiny, data, channel, points, mover, keys, progress=False)
+    metrics.forget_recent()
+    own_fix = channels.end_logits_under(tiny, data, channel, values)
+    calls, prefix_pass = [], blocks.prefix_pass
+    monkeypatch.setattr(blocks, "prefix_pass", lambda *a, **k: calls.append(list(a[3])) or prefix_pass(*a, **k))
+    channel.coefficients(tiny, data, through=top)
+    assert calls and all(layers == list(range(top + 1)) for layers in calls)
+    calls.clear()
+    assert torch.equal(channels.traverse(tiny, data, channel, points, mover, keys, progress=False), own_traversal)
+    fix = channels.end_logits_under(tiny, data, channel, values)
+    assert calls == []  # both ran on the read's pass
+    assert all(torch.equal(a, b) for a, b in zip(fix, own_fix))
+    assert (fix[0] - fix[1]).abs().max() > 1e-3  # the values reach the logits
+    # kept to the mover only: the traversal is covered, the fix (which needs the last layer) is not
+    metrics.forget_recent()
+    channel.coefficients(tiny, data, through=mover[0])
+    calls.clear()
+    channels.traverse(tiny, data, channel, points, mover, keys, progress=False)
+    assert calls == []
+    fix = channels.end_logits_under(tiny, data, channel, values)
+    assert calls and all(layers == list(range(top + 1)) for layers in calls)
+    assert all(torch.equal(a, b) for a, b in zip(fix, own_fix))
+    metrics.forget_recent()
+
+
+def test_recent_keeps_at_most_its_byte_budget_least_recently_used_first(tiny, monkeypatch):
+    data = [ioi.generate(tiny, 2, seed=s) for s in range(3)]
+    made = []
+
+    def value(i):
+        return lambda: made.append(i) or [torch.zeros(256), {"x": (torch.ones(256), i)}]  # 2 KiB each
+
+    metrics.forget_recent()
+    monkeypatch.setattr(metrics, "RECENT_BYTES", 5000)  # room for two values
+    for i in range(2):
+        metrics.recent(tiny, data[i], ("k",), value(i))
+    metrics.recent(tiny, data[0], ("k",), value(9))  # kept: reused, and now the most recently used
+    metrics.recent(tiny, data[2], ("k",), value(2))  # the third drops the least recently used (data[1])
+    metrics.recent(tiny, data[0], ("k",), value(9))
+    metrics.recent(tiny, data[1], ("k",), value(1))
+    assert made == [0, 1, 2, 1]
+    view = torch.zeros(1000)  # a slice keeps its whole storage (4,000 bytes) alive: it counts whole
+    metrics.recent(tiny, data[0], ("slice",), lambda: [view[:10], view[10:20]])
+    assert len(metrics._RECENT) == 1  # 4,000 bytes, counted once, leave no room for a second value
+    monkeypatch.setattr(metrics, "RECENT_BYTES", 100)
+    metrics.recent(tiny, data[0], ("too big",), lambda: torch.zeros(1000))
+    assert metrics._RECENT == []  # larger than the budget alone: not kept
+    monkeypatch.setattr(metrics, "RECENT_BYTES", 5000)
+    made.clear()
+    metrics.recent(tiny, data[0], ("k",), value(0))
+    metrics.recent(tiny, data[0], ("k",), value(5))  # kept
+    data[0].clean.ids.add_(0)  # changed in place: the kept value is not reused
+    metrics.recent(tiny, data[0], ("k",), value(6))
+    assert made == [0, 6]
+    metrics.forget_recent()
+
+
 def test_pieces_counts_connected_regions_per_index():
     labels = torch.tensor([
         [0, 0, 1],

@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headcircuits.metrics import end_only_logits, prefix_groups
+from headcircuits.metrics import end_is_last, end_only_logits, prefix_groups
 from headcircuits.models.blocks import run_copies
 from headcircuits.models.core import Head, Model
 from headcircuits.svd import fix_signs
@@ -137,12 +137,14 @@ class Channel:
         and values from the channel's lowest layer through ``through`` (default: its highest), and END alone goes
         on through the channel's layers. Pass the mover's layer as ``through`` and a :func:`traverse` of the same
         prompts up to that mover runs no pass of its own (Talking Heads §5.2 reads the coordinates, then
-        traverses)."""
+        traverses); pass the last layer and :func:`end_logits_under` on those prompts (the oracle fix) runs none
+        either, while the pass stays kept (:data:`headcircuits.metrics.RECENT_BYTES`). Elsewhere (another
+        position, or ``hooks``) the read is a batched run that keeps nothing, and ``through`` is only checked."""
         layers = sorted({l for l, _ in self.heads})
         if through is not None and not layers[-1] <= through < model.facts.n_layers:
             raise ValueError(f"through must lie between the channel's highest layer ({layers[-1]}) and the last "
                              f"layer ({model.facts.n_layers - 1}), not {through}")
-        if position == "END" and hooks is None and bool((data.at("END") == data.clean.lengths - 1).all()):
+        if position == "END" and hooks is None and end_is_last(data):
             return self._end_coefficients(model, data, layers, layers[-1] if through is None else through)
         out = []
         for batch in data.batches(batch_size, device=model.device):
@@ -444,13 +446,16 @@ def traverse(
 @torch.no_grad()
 def end_logits_under(
     model: Model, data: TaskData, channel: Channel, values, *, mode: str = "replace",
+    columns: Tensor | None = None,
 ) -> Float[Tensor, "batch vocab"] | list[Tensor]:
     """The logits at END with the channel set to ``values`` (one row, or one per prompt; :class:`ChannelReplacement`),
     computed like :func:`traverse`: each prompt's earlier tokens once, then END alone from the lowest channel layer
     to the unembedding (tested equal to :func:`headcircuits.metrics.end_logits` under the same replacement). Used
     for the oracle fix, where every prompt gets the point of its own answer. A list of value tensors gives a list
     of logits, all from one pass over the earlier tokens (:func:`headcircuits.metrics.end_only_logits`); ``None``
-    in the list gives the unedited logits (the "before" of the fix) from the same pass."""
+    in the list gives the unedited logits (the "before" of the fix) from the same pass. ``columns``: only these
+    logits per prompt (:func:`headcircuits.metrics.end_only_logits`), e.g. the listed items' for the fix's
+    accuracy among the items (:func:`headcircuits.metrics.candidate_correct`), sparing the vocabulary's product."""
     several = isinstance(values, (list, tuple))
     sets = [None if v is None else torch.as_tensor(v, dtype=torch.float32).reshape(-1, len(channel.heads), channel.per_head)
             for v in (values if several else [values])]
@@ -466,7 +471,7 @@ def end_logits_under(
         return None if v is None else hooks
 
     first = min(l for l, _ in channel.heads)
-    out = end_only_logits(model, data, first, [condition(v) for v in sets])
+    out = end_only_logits(model, data, first, [condition(v) for v in sets], columns)
     return out if several else out[0]
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from headcircuits.models.core import Model
@@ -129,33 +129,96 @@ def end_logits(
 EndHooks = Callable[[Tensor], list]
 
 
-_RECENT: list[tuple] = []  # (model, data, key, versions, value), most recent first
+_RECENT: list[tuple] = []  # (model, data, key, versions, value), most recently used first
+_MISSING = object()
+
+#: the most memory :func:`recent` keeps (the bytes of the tensors' storage it holds); the least recently used
+#: values are dropped first, and a value larger than this alone is not kept
+RECENT_BYTES = 2**30
 
 
-def recent(model: Model, data: TaskData, key: tuple, compute: Callable, keep: int = 4):
-    """``compute()``, or its value from one of the ``keep`` most recent calls with the same model and prompts
-    (the same objects) and ``key``: a clean activation that several interventions in a row start from. Changing
-    the weights or the prompts in place bumps their tensors' version counters, which are part of the key."""
-    versions = (sum(p._version for p in model.bridge.parameters()), data.clean.ids._version)
-    for entry in _RECENT:
-        if entry[0] is model and entry[1] is data and entry[2] == key and entry[3] == versions:
+def forget_recent() -> None:
+    """Drop every value :func:`recent` keeps (a benchmark timing a computation from scratch; memory)."""
+    _RECENT.clear()
+
+
+def _storage_bytes(value, seen: set) -> int:
+    """Bytes of the tensor storage inside ``value`` (lists, tuples, dicts, objects' attributes), each storage
+    counted once (a slice keeps its whole storage alive)."""
+    if isinstance(value, Tensor):
+        storage = value.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if id(value) in seen:  # a container met before
+        return 0
+    seen.add(id(value))
+    if isinstance(value, dict):
+        value = list(value.values())
+    elif hasattr(value, "__dict__") and not isinstance(value, type):
+        value = list(vars(value).values())
+    if isinstance(value, (list, tuple)):
+        return sum(_storage_bytes(v, seen) for v in value)
+    return 0
+
+
+def _versions(model: Model, data: TaskData) -> tuple[int, int]:
+    # changing the weights or the prompts in place bumps their tensors' version counters
+    return sum(p._version for p in model.bridge.parameters()), data.clean.ids._version
+
+
+def _kept(model: Model, data: TaskData, matches: Callable[[tuple], bool]):
+    """The value kept for the same model and prompts (the same objects, unchanged) under a key that ``matches``
+    accepts, now the most recently used; ``_MISSING`` if there is none."""
+    versions = _versions(model, data)
+    for i, entry in enumerate(_RECENT):
+        if entry[0] is model and entry[1] is data and entry[3] == versions and matches(entry[2]):
+            _RECENT.insert(0, _RECENT.pop(i))
             return entry[4]
-    value = compute()
-    _RECENT.insert(0, (model, data, key, versions, value))
-    del _RECENT[keep:]
+    return _MISSING
+
+
+def _keep(model: Model, data: TaskData, key: tuple, value) -> None:
+    _RECENT.insert(0, (model, data, key, _versions(model, data), value))
+    seen: set = set()
+    sizes = [_storage_bytes(entry[4], seen) for entry in _RECENT]
+    while _RECENT and sum(sizes) > RECENT_BYTES:
+        _RECENT.pop()
+        sizes.pop()
+
+
+def recent(model: Model, data: TaskData, key: tuple, compute: Callable):
+    """``compute()``, or its value from an earlier call with the same model and prompts (the same objects,
+    unchanged in place) and ``key``: a clean activation that several interventions in a row start from. At most
+    :data:`RECENT_BYTES` of values are kept, the least recently used dropped first."""
+    value = _kept(model, data, lambda k: k == key)
+    if value is _MISSING:
+        value = compute()
+        _keep(model, data, key, value)
     return value
+
+
+def end_is_last(data: TaskData) -> bool:
+    """Whether END is every prompt's last token (what the END-only engine needs: nothing after END to rerun)."""
+    return bool((data.at("END") == data.clean.lengths - 1).all())
 
 
 def prefix_groups(model: Model, data: TaskData, first: int, layers, *, reuse: bool = False):
     """Per group of prompts of one length: their indices, the length, END's residual stream entering block
     ``first`` ([n, 1, d_model]) and the earlier tokens' cached keys and values for ``layers``
-    (:func:`headcircuits.models.blocks.prefix_pass`). END must be every prompt's last token. ``reuse``: keep the
-    groups in memory (:func:`recent`) for the next call on the same prompts and layers (e.g. the traversals of
-    several channels of one layer), instead of computing them one length at a time."""
+    (:func:`headcircuits.models.blocks.prefix_pass`). END must be every prompt's last token.
+
+    A pass kept earlier for the same prompts from the same block, whose layers include ``layers``, is used
+    instead of running one (the same numbers: the blocks below a layer do not depend on how far the pass goes).
+    ``reuse``: keep this call's pass in memory (:func:`recent`) for later calls on the same prompts (the
+    traversals of several channels of one layer, the oracle fix on the traversal's prompts), instead of running
+    it one length at a time."""
     from headcircuits.models.blocks import prefix_pass
 
-    if not bool((data.at("END") == data.clean.lengths - 1).all()):
+    if not end_is_last(data):
         raise ValueError("END must be each prompt's last token for the END-only engine")
+    layers = tuple(layers)
     lengths = data.clean.lengths
 
     def groups():
@@ -164,48 +227,78 @@ def prefix_groups(model: Model, data: TaskData, first: int, layers, *, reuse: bo
             h, prefix = prefix_pass(model, data.clean.ids[index, :length], first, layers)
             yield index, int(length), h, prefix
 
-    if not reuse:
+    kept = _kept(model, data, lambda key: key[:2] == ("prefix", first) and set(layers) <= set(key[2]))
+    if kept is not _MISSING:
+        yield from kept
+    elif reuse:
+        kept = list(groups())
+        _keep(model, data, ("prefix", first, layers), kept)
+        yield from kept
+    else:
         yield from groups()
-        return
-    yield from recent(model, data, ("prefix", first, tuple(layers)), lambda: list(groups()), keep=2)
 
 
 @torch.no_grad()
 def end_only_logits(
     model: Model, data: TaskData, first: int, conditions: list[EndHooks | None],
-) -> list[Float[Tensor, "batch vocab"]]:
+    columns: Int[Tensor, "batch k"] | None = None,
+) -> list[Float[Tensor, "batch vocab_or_k"]]:
     """END's logits under each of several interventions that change END's computation only, from block ``first``
     up (e.g. forcing a head's attention at END, setting its output at END): each prompt's earlier tokens run once,
     then END alone goes from block ``first`` to the unembedding once per condition, over the cached keys and
-    values of the earlier tokens. Exact (tested equal to :func:`end_logits` with the same intervention on every
-    tiny family); a condition of ``None`` gives the unedited logits. Returned on the CPU, in the data's order."""
+    values of the earlier tokens (a pass kept for the same prompts that covers these layers is used: see
+    :func:`prefix_groups`). Exact (tested equal to :func:`end_logits` with the same intervention on every tiny
+    family); a condition of ``None`` gives the unedited logits. Returned on the CPU, in the data's order.
+    ``columns``: only these logits of each prompt (e.g. :func:`candidates_of`; a padding -1 gives the first
+    token's, which :func:`candidate_correct` ignores), instead of the whole vocabulary."""
     from headcircuits.models.blocks import final_norm, run_blocks
 
+    if columns is not None and (columns.ndim != 2 or len(columns) != len(data)):
+        raise ValueError(f"columns must be [prompts, k] with one row per prompt ({len(data)}), "
+                         f"not {tuple(columns.shape)}")
     layers = range(first, model.facts.n_layers)
     normed: list[list[Tensor]] = [[] for _ in conditions]
     order = []
     for index, length, h, prefix in prefix_groups(model, data, first, layers):
         order.append(index)
-        for rows, hooks_of in zip(normed, conditions):
+        for kept, hooks_of in zip(normed, conditions):
             with model.bridge.hooks(fwd_hooks=hooks_of(index) if hooks_of else []):
                 h_end = run_blocks(model, h, layers, prefix, length - 1)
-            rows.append(final_norm(model, h_end)[:, 0])
+            kept.append(final_norm(model, h_end)[:, 0])
     # the unembedding takes every condition's rows together, UNEMBED_ROWS at a time (a group of one length is
     # often a few prompts), each chunk written straight to its rows of the output
     n, index = len(data), torch.cat(order)
     target = torch.cat([c * n + index for c in range(len(conditions))])
     rows = torch.cat([torch.cat(r) for r in normed])
-    out = torch.zeros(len(conditions) * n, model.facts.d_vocab)
+    out = torch.zeros(len(conditions) * n, model.facts.d_vocab if columns is None else columns.shape[1])
     for start in range(0, len(rows), UNEMBED_ROWS):
         chunk = slice(start, start + UNEMBED_ROWS)
-        out[target[chunk]] = unembed(model, rows[chunk]).float().cpu()
+        picked = None if columns is None else columns[target[chunk] % n].clamp(min=0)
+        out[target[chunk]] = unembed(model, rows[chunk], picked).float().cpu()
     return list(out.split(n))
+
+
+def candidates_of(data: TaskData) -> Int[Tensor, "batch cand"]:
+    """Each prompt's listed candidates (padded with -1), or its answer and distractor if the task lists none."""
+    return data.candidates if data.candidates is not None else torch.stack([data.answer, data.distractor], 1)
 
 
 def candidate_logits(end_logits: Float[Tensor, "batch vocab"], candidates: Int[Tensor, "batch cand"]) -> Float[Tensor, "batch cand"]:
     """Logits of each prompt's listed candidates; padding (-1) gets -inf."""
     picked = end_logits.gather(1, candidates.clamp(min=0))
     return picked.masked_fill(candidates < 0, float("-inf"))
+
+
+def candidate_correct(data: TaskData, logits: Float[Tensor, "batch cand"]) -> Bool[Tensor, " batch"]:
+    """Whether each prompt's answer is the top one among its candidates (:func:`evaluate`'s ``candidate_correct``),
+    from the logits of its candidate columns only (:func:`candidates_of`; e.g. :func:`end_only_logits` with
+    those ``columns``): the padding's logits are ignored."""
+    cands = candidates_of(data)
+    if logits.shape != cands.shape:
+        raise ValueError(f"logits must be the candidates' ({tuple(cands.shape)}), not {tuple(logits.shape)}; "
+                         "for the whole vocabulary's logits use evaluate(model, data, logits=...)")
+    choice = logits.masked_fill(cands < 0, float("-inf")).argmax(-1)
+    return (cands == data.answer[:, None])[torch.arange(len(data)), choice]
 
 
 def evaluate(
@@ -238,7 +331,7 @@ def evaluate(
         logits = end_logits(model, data, batch_size=batch_size, hooks_for=hooks_for)
     ld = logit_difference(logits, data.answer, data.distractor)
     top = logits.argmax(-1)
-    cands = data.candidates if data.candidates is not None else torch.stack([data.answer, data.distractor], 1)
+    cands = candidates_of(data)
     cand_logits = candidate_logits(logits, cands)
     is_answer = cands == data.answer[:, None]
     best_other = cand_logits.masked_fill(is_answer, float("-inf")).max(-1).values
