@@ -342,7 +342,7 @@ def evaluate(
         logit_diff=ld.numpy(),
         margin=(answer_logit - best_other).numpy(),
         top1_correct=(top == data.answer).numpy(),
-        candidate_correct=is_answer[torch.arange(len(data)), choice].numpy(),
+        candidate_correct=candidate_correct(data, cand_logits).numpy(),
         beats_distractor=(ld > 0).numpy(),
         prediction=model.to_str_tokens(top),
         candidate_choice=choice.numpy(),
