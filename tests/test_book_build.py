@@ -132,7 +132,54 @@ def test_every_chapter_starts_with_the_install_cell_and_it_installs_the_pinned_v
     # the install cell's repository is the one the book publishes
     config = (ROOT / "_config.yml").read_text()
     repo = re.search(r"repository:\s*\n\s*url:\s*(\S+)", config).group(1)
-    assert f"git+{repo}@v" in standalone.INSTALL_CELL and repo in (ROOT / "CITATION.cff").read_text()
+    assert f'"git+{repo}@main"' in standalone.INSTALL_CELL and repo in (ROOT / "CITATION.cff").read_text()
+
+
+def test_the_books_copy_of_a_chapter_installs_the_commit_it_was_built_from(tmp_path):
+    """The install cell of a chapter as the book ships it names this checkout's commit, which exists in the
+    repository; the repository's own notebook says main. A dirty tree is reported, and a notebook without an
+    install cell is refused."""
+    commit, _ = book.source_commit(ROOT)
+    if commit is None:
+        pytest.skip("not a git checkout: the build keeps the install cell's main")
+    subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"], check=True)  # it exists
+    source = json.loads((ROOT / "notebooks" / "01_ioi_behaviour.ipynb").read_text())
+    assert book.install_target(source) == "main"
+    pinned = book.pin_install(source, commit)
+    assert book.install_target(pinned) == commit and book.install_target(source) == "main"  # a copy, not in place
+    changed = [i for i, (a, b) in enumerate(zip(source["cells"], pinned["cells"])) if a != b]
+    assert len(changed) == 1 and f'headcircuits@{commit}"' in "".join(pinned["cells"][changed[0]]["source"])
+    with pytest.raises(NotebookError, match="install cell"):
+        book.install_target({"cells": [{"cell_type": "code", "source": "x = 1"}]})
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    run = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True)  # noqa: E731
+    run("init", "-q")
+    (repo / "f").write_text("1")
+    run("add", "f")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head, dirty = book.source_commit(repo)
+    assert len(head) == 40 and not dirty
+    (repo / "f").write_text("2")
+    assert book.source_commit(repo) == (head, True)
+    assert book.source_commit(tmp_path / "nowhere") == (None, False)
+
+
+def test_every_chapters_colab_link_opens_that_chapters_published_notebook():
+    import yaml
+
+    url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+    owner, repo = url.rstrip("/").split("/")[-2:]
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "book.yml").read_text())
+    publish = [s for s in workflow["jobs"]["build"]["steps"] if "actions-gh-pages" in s.get("uses", "")]
+    assert publish and publish[0]["with"]["publish_branch"] == book.PUBLISHED_BRANCH
+    assert publish[0]["with"]["publish_dir"] == "_build/html"  # the student edition, whose _sources it links
+    uploads = [s for s in workflow["jobs"]["build"]["steps"] if "upload-artifact" in s.get("uses", "")]
+    assert uploads and uploads[0]["with"]["path"] == "_build/html-instructor"  # an archive, not a public page
+    for path in book.notebooks_in_toc(ROOT):
+        assert book.colab_link(ROOT, path.stem) == (
+            f"https://colab.research.google.com/github/{owner}/{repo}/blob/gh-pages/_sources/book/notebooks/"
+            f"{path.stem}.ipynb")
 
 
 def test_the_book_ships_its_licences_citation_and_one_bibliography():
@@ -271,3 +318,40 @@ def test_every_figure_has_a_caption_and_alt_text():
                 alt = options.get("image", {}).get("alt", "")
                 assert len(caption) > 20 and len(alt) > 10, f"{path.name}: a figure without caption or alt text:\n" \
                                                             f"{cell.source[:120]}"
+
+
+def test_a_figure_cell_shows_no_table_so_its_caption_is_printed_once():
+    """myst-nb wraps every output of a captioned cell in its caption: a cell that draws a figure and then shows a
+    table printed the caption twice (and counted two figures). Such a cell ends with its figure; the table is the
+    next cell's."""
+    import ast
+
+    for path in book.notebooks_in_toc(ROOT):
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type == "code" and cell.metadata.get("mystnb", {}).get("figure"):
+                last = ast.parse(cell.source).body[-1]
+                shown = isinstance(last, ast.Expr) and not ast.unparse(last.value).startswith(("plt.show", "display("))
+                assert not shown, f"{path.name}: a captioned cell ends with a displayed value:\n{cell.source[-160:]}"
+
+
+def test_running_it_yourself_states_the_memory_and_time_this_build_measured():
+    records = [{"notebook": "01_a.ipynb", "peak_rss_mib": 2048.0, "seconds": 60.0, "hardware": {"cores": 2, "cpu": "x"}},
+               {"notebook": "04_b.ipynb", "peak_rss_mib": 8397.0, "seconds": 300.0, "hardware": {"cores": 2, "cpu": "x"}}]
+    page = (ROOT / "book" / "running.md").read_text()
+    assert all(token in page for token in book.MEASURED[:3])
+    assert not re.search(r"\b\d+ GB of memory", page)  # no typed memory figure
+    shown = book.measured_page(page, records)
+    assert "{{" not in shown and "at least 9 GB of" in shown and "04_b (8.2 GiB at its peak)" in shown
+    assert "6.0 min of chapter execution" in shown and "2 cores of x" in shown
+    with pytest.raises(ValueError, match="no execution records"):
+        book.measured_page(page, [])
+
+
+def test_every_chapter_links_its_glossary_terms_and_the_verdict_page():
+    glossary = (ROOT / "book" / "glossary.md").read_text()
+    defined = set(re.findall(r"^([A-Z][^\n]*)$", glossary.split("```{glossary}")[1], re.M))
+    for path in book.notebooks_in_toc(ROOT):
+        text = "".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown")
+        used = re.findall(r"\{term\}`([^`]+)`", text)
+        assert used and set(used) <= defined, f"{path.name}: terms {set(used) - defined} are not in the glossary"
+        assert "(../verdicts.md)" in text, path.name

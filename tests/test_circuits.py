@@ -202,3 +202,27 @@ def test_a_stage_that_is_zero_by_construction_is_not_computed_and_is_zero(tiny):
     circuit = circuits.discover(tiny, data, stages, fraction=0.25, min_effect=0.0, cache=False, progress=False)
     assert "exactly 0" in circuit.notes["previous"] and not circuit.stage("previous")
     assert circuit.tables["previous"].nan_to_num(0.0).abs().max() == 0.0
+
+
+def test_every_disagreement_between_a_heads_stage_and_its_class_is_listed_with_its_reason():
+    zeros = lambda: torch.zeros(2, 2)  # noqa: E731
+    patterns = {name: zeros() for name in circuits.CLASS_ATTENTION}
+    patterns["inhibition"][1, 0] = 0.5  # attends END -> S2 ...
+    patterns["mover"][1, 1] = 0.6       # a mover by attention
+    patterns["induction"][0, 1] = 0.12  # below the threshold: "other"
+    patterns["duplicate-token"][0, 0] = 0.4
+    dla = zeros()
+    dla[1, 0] = 0.9  # ... but writes the answer strongly: a mover
+    evidence = (patterns, dla, 2.0)
+    heads = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    classes = circuits.assign_classes(patterns, dla, heads, threshold=0.2, negative=0.05 * 2.0)
+    circuit = circuits.Circuit(heads={(1, 1): ["movers"], (1, 0): ["inhibition"], (0, 1): ["duplicate"],
+                                      (0, 0): ["duplicate"]},
+                               tables={s: torch.full((2, 2), -0.5) for s in ("movers", "inhibition", "duplicate")})
+    table = circuits.disagreements(circuit, classes, evidence)
+    assert table[["head", "stage", "class"]].values.tolist() == [["0.1", "duplicate", "other"],
+                                                                ["1.0", "inhibition", "mover"]]
+    other, mover = table.reason.tolist()
+    assert "0.12" in other and "S2 → S1+1" in other and "0.2" in other
+    assert "+0.90" in mover and "END → S2" in mover and "0.10" in mover
+    assert table.effect.tolist() == [-0.5, -0.5]

@@ -120,3 +120,79 @@ def test_forced_pattern_checker():
     assert exercises.check_forced_pattern(right_forced)
     _fails(exercises.check_forced_pattern(lambda r, k, s: r + s * right_forced(r, k, 1.0)), "distribution")
     _fails(exercises.check_forced_pattern(lambda r, k, s: right_forced(r, k, 1 - s)), "reversed")
+
+
+# the layer-matched p-value (hard) --------------------------------------------------------------------------------
+
+def right_layer_p(a, b, n_layers, per_layer):
+    from math import comb
+
+    dist = [1.0]
+    for layer in range(n_layers):
+        na, nb = sum(h[0] == layer for h in a), sum(h[0] == layer for h in b)
+        here = [comb(nb, k) * comb(per_layer - nb, na - k) / comb(per_layer, na) for k in range(na + 1)]
+        dist = [sum(dist[i] * here[k - i] for i in range(len(dist)) if 0 <= k - i < len(here))
+                for k in range(len(dist) + len(here) - 1)]
+    return sum(dist[len(a & b):])
+
+
+def test_layer_matched_p_checker():
+    from math import comb
+
+    assert exercises.check_layer_matched_p(right_layer_p)
+
+    def all_heads(a, b, n_layers, per_layer):
+        n = n_layers * per_layer
+        return sum(comb(len(b), k) * comb(n - len(b), len(a) - k) / comb(n, len(a)) for k in range(len(a & b), len(a) + 1))
+
+    _fails(exercises.check_layer_matched_p(all_heads), "all-heads")
+
+    _fails(exercises.check_layer_matched_p(lambda a, b, L, H: _p_above(a, b, L, H)), "≥")
+    _fails(exercises.check_layer_matched_p(lambda a, b, L, H: right_layer_p(a, b, L, H) * 0.5), "expected")
+
+
+def _p_above(a, b, n_layers, per_layer):
+    """P(overlap > observed): the off-by-one mistake."""
+    from headcircuits import circuits
+
+    o = circuits.overlap(a, b, n_layers * per_layer, n_layers)
+    return circuits.Overlap(o.shared + 1, o.size_a, o.size_b, o.n_heads, o.layer_counts, o.heads_per_layer).layer_p_value
+
+
+# the paper's weight edit (hard) ----------------------------------------------------------------------------------
+
+def right_edit(W_V, W_O, zero):
+    U, S, Vh = torch.linalg.svd(W_V @ W_O, full_matrices=False)
+    d = W_V.shape[1]
+    U, S, Vh = U[:, :d], S[:d].clone(), Vh[:d]
+    S[zero] = 0
+    return U * S.sqrt(), S.sqrt()[:, None] * Vh
+
+
+def test_edit_ov_checker():
+    assert exercises.check_edit_ov(right_edit)
+
+    def smallest(W_V, W_O, zero):
+        return right_edit(W_V, W_O, [W_V.shape[1] - 1 - k for k in zero])
+
+    _fails(exercises.check_edit_ov(smallest), "smallest")
+
+    def keep_only(W_V, W_O, zero):
+        U, S, Vh = torch.linalg.svd(W_V @ W_O, full_matrices=False)
+        d = W_V.shape[1]
+        kept = torch.zeros(d, dtype=S.dtype)
+        kept[zero] = S[zero]
+        return U[:, :d] * kept.sqrt(), kept.sqrt()[:, None] * Vh[:d]
+
+    _fails(exercises.check_edit_ov(keep_only), "kept only")
+    _fails(exercises.check_edit_ov(lambda W_V, W_O, zero: (W_V[:, :1], W_O[:1])), "shape")
+
+    def no_roots(W_V, W_O, zero):
+        U, S, Vh = torch.linalg.svd(W_V @ W_O, full_matrices=False)
+        d = W_V.shape[1]
+        U, S, Vh = U[:, :d], S[:d].clone(), Vh[:d]
+        S[zero] = 0
+        return U * S, Vh
+
+    _fails(exercises.check_edit_ov(no_roots), "paper's form")
+    _fails(exercises.check_edit_ov(lambda W_V, W_O, zero: W_V @ W_O), "two edited matrices")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from headcircuits import book, plots
+from headcircuits import book, plots, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,6 +209,26 @@ def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
                           "the IOI circuit has movers", "keeping only the channel components",
                           "setting the subspace to the answer's region"):
         assert chapter_claim in intro, f"scorecard lacks {chapter_claim!r}"  # pasted from the executed chapters
+    # the scorecard: every published row of every chapter, each claim once per model, verdicts from the one rule
+    executed = [html.parent / "executed" / f"{p.stem}.ipynb" for p in book.notebooks_in_toc(ROOT)]
+    card = report.scorecard(executed)
+    assert not card.duplicated(["claim", "model"]).any()
+    built_models = set(card.model) - {"gpt2-small (released weights)"}
+    for chapter in ("02_tasks_and_baselines", "03_ioi_circuit", "04_circuit_reuse", "05_inhibition_channels",
+                    "06_laundry_list"):
+        assert set(card[card.chapter == chapter].model) - {"gpt2-small (released weights)"} == built_models, chapter
+    assert "Reading the verdicts" in (html / "book" / "verdicts.html").read_text()
+    running = _visible((html / "book" / "running.html").read_text())
+    assert "{{" not in running and "GB of memory" in running  # this build's measured peak, put in by the build
+    # each chapter: a Colab link to its own published notebook, whose install cell names the commit it was built from
+    commit, _ = book.source_commit(ROOT)
+    for path in book.notebooks_in_toc(ROOT):
+        shown = (html / "book" / "notebooks" / f"{path.stem}.html").read_text()
+        assert book.colab_link(ROOT, path.stem) in shown, f"{path.stem}: no Colab link to its notebook"
+        published = json.loads((html / "_sources" / "book" / "notebooks" / f"{path.stem}.ipynb").read_text())
+        assert "".join(published["cells"][0]["source"]) == "".join(json.loads(path.read_text())["cells"][0]["source"])
+        if commit is not None:
+            assert book.install_target(published) == commit, path.stem
     for page in html.rglob("*.html"):  # each script once: a repeated `const` declaration is a JavaScript error
         assert page.read_text().count("const THEBE_JS_URL") <= 1, page
     # two editions: the student one without the exercises' solutions, the instructor one with all of them

@@ -12,7 +12,9 @@ Book does not inject every script into every page); nothing is fetched from a CD
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from headcircuits.errors import ParameterError
+from headcircuits import report
+from headcircuits.errors import NotebookError, ParameterError
 
 NOTEBOOK_ENV = {
     "HEADCIRCUITS_BOOK": "1",  # circuitsvis widgets load the book's vendored copy (plots.Widget)
@@ -288,17 +291,101 @@ def execution_report(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _runtime_cell(record: dict) -> dict:
+MEASURED = ("{{ book_peak_memory }}", "{{ book_heaviest_chapter }}", "{{ book_total_time }}", "{{ book_hardware }}")
+
+
+def measured_page(text: str, records: list[dict]) -> str:
+    """A page with this build's measurements put in (``{{ book_peak_memory }}``: the largest chapter's peak
+    memory, rounded up to a whole GiB; ``{{ book_heaviest_chapter }}``, ``{{ book_total_time }}``,
+    ``{{ book_hardware }}``): *Running it yourself* states the memory and time a build needs from the execution
+    records, never typed."""
+    if not records:
+        raise ValueError("no execution records: execute the notebooks first (headcircuits.book.execute_notebooks)")
+    heaviest = max(records, key=lambda r: r["peak_rss_mib"])
+    hw = records[-1]["hardware"]
+    values = {
+        MEASURED[0]: f"{math.ceil(heaviest['peak_rss_mib'] / 1024)} GB",
+        MEASURED[1]: f"{Path(heaviest['notebook']).stem} ({heaviest['peak_rss_mib'] / 1024:.1f} GiB at its peak)",
+        MEASURED[2]: _minutes(sum(r["seconds"] for r in records)),
+        MEASURED[3]: f"{hw['cores']} cores of {hw['cpu']}",
+    }
+    for token, value in values.items():
+        text = text.replace(token, value)
+    return text
+
+
+def _runtime_cell(record: dict, launch: str | None = None, built_from: str = "") -> dict:
     """A Markdown cell put under a chapter's title in the book (and in the notebook a reader downloads from it):
-    how long it took when the book was built, on what."""
+    how long it took when the book was built, on what, from which commit, and a link that opens this chapter's
+    notebook in Colab (a plain link: the page loads nothing from it)."""
     hw = record["hardware"]
     where = f"{hw['cores']} cores of {hw['cpu']}" + (f" and an {hw['gpu']}" if hw.get("gpu", "none") != "none" else "")
-    text = (f"```{{admonition}} Running time\n:class: note\nWhen this book was built, this chapter took "
+    colab = (f"\n\n[Open this chapter in Colab]({launch}) (the notebook of this page, as built; choose a CPU or GPU "
+             "runtime, then run all: its first cell installs the same commit and the pinned versions)." if launch else "")
+    text = (f"```{{admonition}} Running time\n:class: note\nWhen this book was built{built_from}, this chapter took "
             f"**{_minutes(record['seconds'])}** on {where} (peak memory {record['peak_rss_mib'] / 1024:.1f} GiB), "
             f"with the parameters of the [execution report](../execution_report.md). The first cell installs what a "
             f"notebook run on its own needs; [Running it yourself](../running.md) says what a laptop, Colab or a lab "
-            f"GPU costs.\n```")
+            f"GPU costs.{colab}\n```")
     return {"cell_type": "markdown", "id": "runtime", "metadata": {}, "source": text}
+
+
+def source_commit(root: Path) -> tuple[str | None, bool]:
+    """The commit the book is built from (``git rev-parse HEAD``) and whether the working tree has uncommitted
+    changes to tracked files; ``(None, False)`` outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None, False
+    return commit, bool(status.strip())
+
+
+INSTALL_TARGET = re.compile(r'^(HEADCIRCUITS = "git\+[^@"]+@)([^"]+)(")$', re.M)
+
+
+def install_target(notebook: dict) -> str:
+    """The git reference the notebook's install cell installs (``HEADCIRCUITS = "git+URL@REF"``)."""
+    for cell in notebook["cells"]:
+        source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+        if cell["cell_type"] == "code" and (match := INSTALL_TARGET.search(source)):
+            return match.group(2)
+    raise NotebookError("the notebook has no install cell (HEADCIRCUITS = \"git+URL@REF\"): "
+                        "start it with headcircuits.standalone.INSTALL_CELL")
+
+
+def pin_install(notebook: dict, commit: str) -> dict:
+    """The notebook with its install cell pinned to ``commit``: a chapter downloaded from the book, or opened in
+    Colab from it, installs exactly the library the book was built from."""
+    install_target(notebook)  # raises without an install cell
+    cells, done = [], False
+    for cell in notebook["cells"]:
+        source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+        if not done and cell["cell_type"] == "code" and INSTALL_TARGET.search(source):
+            cell, done = {**cell, "source": INSTALL_TARGET.sub(rf"\g<1>{commit}\g<3>", source, count=1)}, True
+        cells.append(cell)
+    return {**notebook, "cells": cells}
+
+
+PUBLISHED_BRANCH = "gh-pages"  # .github/workflows/book.yml publishes _build/html there
+
+
+def colab_link(root: Path, stem: str) -> str | None:
+    """Colab's address for a chapter's notebook as the published book holds it (the download copy under
+    ``_sources/`` on the ``gh-pages`` branch, same deploy as the page: pinned install cell, outputs included);
+    None without a GitHub repository in ``_config.yml``."""
+    import yaml
+
+    config = yaml.safe_load((root / "_config.yml").read_text())
+    url = (config.get("repository") or {}).get("url", "")
+    match = re.fullmatch(r"https://github\.com/([^/]+)/([^/]+?)/?", url)
+    if not match:
+        return None
+    owner, repo = match.groups()
+    return (f"https://colab.research.google.com/github/{owner}/{repo}/blob/{PUBLISHED_BRANCH}/"
+            f"_sources/book/notebooks/{stem}.ipynb")
 
 
 def records_for(executed: Iterable[Path]) -> list[dict]:
@@ -382,11 +469,20 @@ def stage_sources(root: Path, executed: Iterable[Path], stage: Path, which: str 
         intro.write_text(f"{title}\n\n{INSTRUCTOR_BANNER}{rest}")
     (stage / "book" / "notebooks").mkdir(parents=True, exist_ok=True)
     records = records_for(executed)
+    commit, dirty = source_commit(root)
+    built_from = "" if commit is None else f" from commit `{commit[:12]}`" + (
+        " with uncommitted changes (the install cell installs that commit, without them)" if dirty else "")
     for nb, record in zip(executed, records):
         notebook = fold_long_cells(edition(json.loads(nb.read_text()), which))
-        with_time = {**notebook, "cells": [notebook["cells"][0], _runtime_cell(record), *notebook["cells"][1:]]}
+        if commit is not None:
+            notebook = pin_install(notebook, commit)
+        launch = colab_link(root, nb.stem) if which == "student" else None  # the instructor edition is not public
+        cells = [notebook["cells"][0], _runtime_cell(record, launch, built_from), *notebook["cells"][1:]]
+        with_time = {**notebook, "cells": cells}
         (stage / "book" / "notebooks" / nb.name).write_text(json.dumps(with_time, indent=1, ensure_ascii=False))
     (stage / "book" / "execution_report.md").write_text(execution_report(records))
+    running = stage / "book" / "running.md"
+    running.write_text(measured_page(running.read_text(), records))
     # not "_static": Jupyter Book 1 would add every .js under it to every page (all of MathJax's extensions)
     vendor_assets(stage / "_vendor")
     shutil.copy2(root / "book" / "_css" / "headcircuits.css", stage / "_vendor" / "headcircuits.css")
@@ -418,6 +514,7 @@ def build(root: Path, out: Path, parameters: dict | None = None, *, log=print) -
     start = time.perf_counter()
     work = out / "_build"
     executed = execute_notebooks(notebooks_in_toc(root), work / "executed", parameters, log=log)
+    report.scorecard(executed)  # each claim once per model across the chapters (raises, naming both chapters)
     stage_sources(root, executed, work / "source", "student")
     # the instructor edition: the same executed notebooks, solutions shown, into _build/html-instructor
     stage_sources(root, executed, work / "source-instructor", "instructor")

@@ -312,13 +312,10 @@ CLASS_ATTENTION: dict[str, tuple[str, str]] = {
 }
 
 
-def classify(
-    model: Model, data: TaskData, heads: list[Head], threshold: float = 0.2, negative: float = 0.05,
-) -> dict[Head, str]:
-    """A class for each head from where it attends and what it writes, on IOI prompts (see :func:`assign_classes`
-    for the rule). Attention scores for every class come from one pass over the prompts; nothing is read off
-    GPT-2's head indices, so the same behavioural definitions serve grouped-K/V and Gemma models. The evidence
-    (attention scores, direct logit differences, the mean logit difference) is cached on disk per model and prompts."""
+def class_evidence(model: Model, data: TaskData) -> tuple[dict[str, Tensor], Tensor, float]:
+    """What :func:`classify` reads, on IOI prompts: each class's [layer, head] mean attention at its query/key
+    pair (:data:`CLASS_ATTENTION`), every head's direct logit difference, and the mean logit difference; one pass
+    over the prompts, cached on disk per model and prompts."""
     from headcircuits.cache import cached
 
     def evidence():
@@ -326,8 +323,58 @@ def classify(
         patterns = {name: scores[pair] for name, pair in CLASS_ATTENTION.items()}
         return patterns, direct_logit_difference(model, data), float((metrics.evaluate(model, data).logit_diff).mean())
 
-    patterns, dla, ld = cached("class_evidence", {"model": model, "data": data}, evidence)
+    return cached("class_evidence", {"model": model, "data": data}, evidence)
+
+
+def classify(
+    model: Model, data: TaskData, heads: list[Head], threshold: float = 0.2, negative: float = 0.05,
+) -> dict[Head, str]:
+    """A class for each head from where it attends and what it writes, on IOI prompts (see :func:`assign_classes`
+    for the rule; the evidence is :func:`class_evidence`). Nothing is read off GPT-2's head indices, so the same
+    behavioural definitions serve grouped-K/V and Gemma models."""
+    patterns, dla, ld = class_evidence(model, data)
     return assign_classes(patterns, dla, heads, threshold=threshold, negative=negative * abs(ld))
+
+
+#: the classes each IOI stage is looking for (Wang et al.'s roles)
+STAGE_CLASSES: dict[str, tuple[str, ...]] = {
+    "movers": ("mover", "negative mover"), "inhibition": ("inhibition",),
+    "duplicate": ("duplicate-token", "induction"), "previous": ("previous-token",),
+}
+
+
+def disagreements(
+    circuit: Circuit, classes: dict[Head, str], evidence: tuple[dict[str, Tensor], Tensor, float], *,
+    threshold: float = 0.2, negative: float = 0.05,
+) -> "pd.DataFrame":
+    """Every circuit head whose class is none of the classes its stage looks for (:data:`STAGE_CLASSES`), with
+    the reason read from the :func:`class_evidence` that classified it (same ``threshold`` and ``negative`` as
+    :func:`classify`): a stage says where a head sits in the circuit, its class what it does on IOI, and the two
+    can disagree. Columns: ``head``, ``stage``, ``effect`` (its normalised effect in that stage), ``class`` and
+    ``reason``."""
+    import pandas as pd
+
+    patterns, dla, ld = evidence
+    rows = []
+    for head, stages in sorted(circuit.heads.items()):
+        for stage in stages:
+            wanted = STAGE_CLASSES.get(stage)
+            cls = classes.get(head)
+            if wanted is None or cls is None or cls in wanted:
+                continue
+            best, score = max(((n, float(p[head])) for n, p in patterns.items()), key=lambda x: x[1])
+            q, k = CLASS_ATTENTION[best]
+            if cls == "other":
+                reason = f"no attention pattern reaches {threshold}: the strongest is {q} → {k}, {score:.3f}"
+            elif cls in ("mover", "negative mover") and best in ("mover", "inhibition"):
+                write = float(dla[head])
+                reason = (f"attends {q} → {k} ({score:.2f}) and writes {write:+.2f} on the logit difference "
+                          f"(beyond ±{negative:.0%} of the mean, {negative * abs(ld):.2f}), so it is read as a {cls}")
+            else:
+                reason = f"its strongest pattern is {q} → {k} ({score:.2f}), the {cls} pattern"
+            rows.append({"head": f"{head[0]}.{head[1]}", "stage": stage,
+                         "effect": float(circuit.tables[stage][head]), "class": cls, "reason": reason})
+    return pd.DataFrame(rows, columns=["head", "stage", "effect", "class", "reason"])
 
 
 def assign_classes(

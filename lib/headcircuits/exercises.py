@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from headcircuits import interventions, metrics, patching, svd
+from headcircuits import circuits, interventions, metrics, patching, svd
 from headcircuits.models import load_model
 from headcircuits.models.core import Model
 from headcircuits.tasks import ioi
@@ -257,5 +257,100 @@ def check_forced_pattern(fn: Callable, *, verbose: bool = True) -> Check:
     return _report(Check(True, "the forced pattern matches the repair's at strengths 1, 0.5 and 0"), verbose)
 
 
-__all__ = ["Check", "ExerciseCheckFailed", "check_composition_score", "check_forced_pattern",
-           "check_inhibition_score", "check_logit_difference", "check_normalised_effect"]
+# --- the layer-matched null of an overlap (Circuit Component Reuse §4, our baseline) -----------------------------
+
+def _head_sets(gen: torch.Generator, n_layers: int, per_layer: int) -> tuple[set, set]:
+    heads = [(l, h) for l in range(n_layers) for h in range(per_layer)]
+    pick = lambda k: {heads[i] for i in torch.randperm(len(heads), generator=gen)[:k].tolist()}  # noqa: E731
+    late = [(l, h) for l, h in heads if l >= n_layers // 2]  # circuits sit in late layers: make them overlap
+    a = pick(6) | {late[i] for i in torch.randperm(len(late), generator=gen)[:4].tolist()}
+    b = pick(5) | {late[i] for i in torch.randperm(len(late), generator=gen)[:5].tolist()}
+    return a, b
+
+
+def check_layer_matched_p(fn: Callable, *, verbose: bool = True) -> Check:
+    """``fn(a, b, n_layers, heads_per_layer)``: for two head sets ``a`` and ``b`` (sets of (layer, head)), the exact
+    probability that random sets with **the same number of heads in every layer** as ``a`` and ``b`` share at
+    least as many heads as they do (the layer-matched p-value). Checked against ``circuits.overlap`` on random
+    sets of three model shapes."""
+    gen = torch.Generator().manual_seed(7)
+    for n_layers, per_layer in ((6, 4), (8, 3), (12, 12)):
+        for _ in range(3):
+            a, b = _head_sets(gen, n_layers, per_layer)
+            o = circuits.overlap(a, b, n_layers * per_layer, n_layers)
+            got, why = _call(fn, set(a), set(b), n_layers, per_layer)
+            if why:
+                return _report(Check(False, why), verbose)
+            if got.numel() != 1:
+                return _report(Check(False, f"return one probability, not a tensor of shape {tuple(got.shape)}"), verbose)
+            got = float(got.reshape(-1)[0])
+            if abs(got - o.layer_p_value) < 1e-9:
+                continue
+            if abs(got - o.p_value) < 1e-9:
+                return _report(Check(False, "that is the all-heads-exchangeable p-value (one hypergeometric over every "
+                                            "head): the layer-matched null keeps each layer's head counts, so the "
+                                            "overlap is a sum of one hypergeometric count per layer"), verbose)
+            strict = circuits.Overlap(o.shared + 1, o.size_a, o.size_b, o.n_heads, o.layer_counts, o.heads_per_layer)
+            if abs(got - strict.layer_p_value) < 1e-9:
+                return _report(Check(False, "you computed P(overlap > observed); the p-value includes the observed "
+                                            "overlap itself: P(overlap ≥ observed)"), verbose)
+            if abs(got - o.layer_expected) < 1e-9 or abs(got - o.layer_expected * o.size_a) < 1e-9:
+                return _report(Check(False, "that is the expected overlap; return the probability of an overlap at "
+                                            "least as large as the observed one"), verbose)
+            return _report(Check(False, f"on {n_layers} layers × {per_layer} heads ({o.shared} shared of {o.size_a}): "
+                                        f"yours {got:.6g}, expected {o.layer_p_value:.6g}"), verbose)
+    return _report(Check(True, "the layer-matched p-value matches circuits.overlap on nine pairs of head sets"), verbose)
+
+
+# --- Talking Heads' weight edit (§3): remove SVD components from a head ------------------------------------------
+
+def check_edit_ov(fn: Callable, *, verbose: bool = True) -> Check:
+    """``fn(W_V, W_O, zero)``: a head's value and output weights ([d_model, d_head], [d_head, d_model]) with the
+    SVD components ``zero`` (indices by decreasing singular value) of its OV circuit W_V W_O removed, in the
+    paper's form: singular values set to 0, then W_V' = U sqrt(S'), W_O' = sqrt(S') Vᵀ. Checked on heads of two
+    tiny models: the edited OV, and the factors' form (W_V'ᵀ W_V' = S', diagonal)."""
+    for name in ("tiny-gpt2", "tiny-llama"):
+        w = svd.from_model(_tiny(name))
+        for layer, head, zero in ((0, 1, [0]), (1, 2, [2]), (2, 0, [0, 3])):
+            W_V, W_O = w.W_V[layer, head].double(), w.W_O[layer, head].double()
+            V_want, O_want = svd.edit_ov(W_V, W_O, zero)
+            try:
+                out = fn(W_V.clone(), W_O.clone(), list(zero))
+            except NotImplementedError:
+                return _report(Check(False, "your function is not written yet (it raises NotImplementedError)"), verbose)
+            except Exception as exc:
+                return _report(Check(False, f"your function raised {type(exc).__name__}: {exc}"), verbose)
+            if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                return _report(Check(False, "return the two edited matrices (W_V', W_O')"), verbose)
+            V_got, O_got = (torch.as_tensor(x, dtype=torch.float64) for x in out)
+            if V_got.shape != W_V.shape or O_got.shape != W_O.shape:
+                return _report(Check(False, f"W_V' must keep the shape {tuple(W_V.shape)} and W_O' the shape "
+                                            f"{tuple(W_O.shape)}; yours are {tuple(V_got.shape)}, {tuple(O_got.shape)}"),
+                               verbose)
+            ov_got, ov_want = V_got @ O_got, V_want @ O_want
+            if not _close(ov_got, ov_want, 1e-6):
+                U, S, Vh = torch.linalg.svd(W_V @ W_O, full_matrices=False)
+                d = W_V.shape[1]
+                reversed_zero = [d - 1 - k for k in zero]
+                kept = torch.ones(len(S), dtype=torch.bool)
+                kept[reversed_zero] = False
+                if _close(ov_got, (U[:, kept] * S[kept]) @ Vh[kept], 1e-6):
+                    return _report(Check(False, "you removed the smallest components: component 0 is the one with the "
+                                                "largest singular value (torch.linalg.svd sorts them decreasing)"), verbose)
+                only = (U[:, zero] * S[zero]) @ Vh[zero]
+                if _close(ov_got, only, 1e-6):
+                    return _report(Check(False, "you kept only the listed components; the edit removes them and keeps "
+                                                "every other"), verbose)
+                return _report(Check(False, f"on {name} head {layer}.{head}, removing {zero}: your edited OV differs "
+                                            f"from the expected one by {float((ov_got - ov_want).abs().max()):.3g}"),
+                               verbose)
+            gram = V_got.T @ V_got
+            if not _close(gram, V_want.T @ V_want, 1e-6):
+                return _report(Check(False, "your edited OV is right, but not in the paper's form: W_V' = U sqrt(S') "
+                                            "and W_O' = sqrt(S') Vᵀ share the singular values' square roots "
+                                            "(W_V'ᵀ W_V' is then diag(S'))"), verbose)
+    return _report(Check(True, "the weight edit matches the paper's form on heads of two tiny models"), verbose)
+
+
+__all__ = ["Check", "ExerciseCheckFailed", "check_composition_score", "check_edit_ov", "check_forced_pattern",
+           "check_inhibition_score", "check_layer_matched_p", "check_logit_difference", "check_normalised_effect"]

@@ -52,8 +52,9 @@ if __name__ == "__main__":
 INSTALL_CELL = '''\
 # Running this notebook on its own (Colab, or downloaded from the book)? This cell installs headcircuits with the
 # book's pinned versions when it is missing, then prepares the embedded model (a few minutes); in the repository's
-# .venv it does nothing. HEADCIRCUITS: a tag of the repository, or the path of a wheel you built (`pip wheel --no-deps .`).
-HEADCIRCUITS = "git+https://github.com/headcircuits/headcircuits@v0.1.0"
+# .venv it does nothing. HEADCIRCUITS: the commit the book was built from (the book's copy of this notebook names
+# it; the repository's says main), or the path of a wheel you built (`pip wheel --no-deps .`).
+HEADCIRCUITS = "git+https://github.com/headcircuits/headcircuits@main"
 import importlib, importlib.util, os, subprocess, sys
 if importlib.util.find_spec("headcircuits") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",

@@ -1,0 +1,74 @@
+"""Reproduction tables and the scorecard: one row per claim and model, verdicts from the one rule, and the rows a
+chapter publishes read back from its executed notebook."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from headcircuits import report, stats
+
+YES = stats.judge(stats.Estimate(0.5, 0.4, 0.6, 100))
+NO = stats.judge(stats.Estimate(-0.5, -0.6, -0.4, 100))
+
+
+def test_a_finding_takes_a_verdict_of_the_rule_and_each_claim_appears_once_per_model():
+    rows = [report.finding("c", m, "p", "o", YES) for m in ("a", "b")]
+    table = report.findings(rows)
+    assert list(table.columns) == list(report.COLUMNS) and table.verdict.tolist() == ["reproduces"] * 2
+    with pytest.raises(ValueError, match="appears twice for a"):
+        report.findings(rows + [report.finding("c", "a", "p", "o", NO)])
+    with pytest.raises(TypeError, match="stats.judge"):
+        report.finding("c", "a", "p", "o", "reproduces")
+    with pytest.raises(ValueError, match="not one of"):
+        report.findings([{"claim": "c", "model": "a", "paper": "p", "ours": "o", "verdict": "for some heads"}])
+    with pytest.raises(ValueError, match="exactly the keys"):
+        report.findings([{"claim": "c", "paper": "p", "ours": "o", "verdict": "reproduces"}])
+
+
+def _executed(path, monkeypatch, rows):
+    """A notebook whose one cell holds exactly what report.publish displays (captured from myst-nb's glue)."""
+    from myst_nb.ext import glue as glue_module
+
+    shown = []
+    monkeypatch.setattr(glue_module, "ipy_display", lambda data, raw, metadata: shown.append((data, metadata)))
+    report.publish(report.findings(rows))
+    cell = nbformat.v4.new_code_cell("report.publish(...)")
+    cell.outputs = [nbformat.v4.new_output("display_data", data=d, metadata=m) for d, m in shown]
+    nb = nbformat.v4.new_notebook(cells=[cell])
+    nbformat.write(nb, path)
+    return path
+
+
+def test_the_scorecard_reads_every_chapters_rows_and_refuses_a_claim_published_twice(tmp_path, monkeypatch):
+    a = _executed(tmp_path / "02_a.ipynb", monkeypatch, [report.finding("c1", "m", "p", "40 %", YES),
+                                                         report.finding("c2", "m", "p", "x", NO)])
+    b = _executed(tmp_path / "04_b.ipynb", monkeypatch, [report.finding("c3", "m", "p", "y", YES)])
+    card = report.scorecard([a, b])
+    assert card[["chapter", "claim", "model"]].values.tolist() == [["02_a", "c1", "m"], ["02_a", "c2", "m"],
+                                                                   ["04_b", "c3", "m"]]
+    assert card.verdict.tolist()[1].startswith("does not reproduce")
+    twice = _executed(tmp_path / "06_c.ipynb", monkeypatch, [report.finding("c1", "m", "p", "42 %", NO)])
+    with pytest.raises(ValueError, match="'c1' for m twice .02_a and 06_c."):
+        report.scorecard([a, b, twice])
+    assert report.rows_of(tmp_path / "06_c.ipynb") == [json.loads(json.dumps(
+        report.finding("c1", "m", "p", "42 %", NO)))]
+
+
+def test_a_sentence_follows_its_verdict_and_every_outcome_has_one():
+    texts = dict(reproduces="they copy it", same_direction_smaller="they copy it, weakly ({reason})",
+                 does_not_reproduce="they do not copy it", not_testable="nothing to test ({reason})",
+                 undecided="more prompts are needed ({reason})")
+    # numbers that make each outcome: the sentence changes with them
+    cases = {stats.judge(stats.Estimate(0.4, 0.3, 0.5, 50), paper=0.3): "they copy it",
+             stats.judge(stats.Estimate(0.1, 0.05, 0.15, 50), paper=0.3): "they copy it, weakly (the whole interval",
+             stats.judge(stats.Estimate(0.0, -0.1, 0.0, 50)): "they do not copy it",
+             stats.judge(None, preconditions=[stats.require(False, "attention", "0.003")]):
+                 "nothing to test (needs attention (here 0.003))",
+             stats.judge(stats.Estimate(0.05, -0.05, 0.15, 50)): "more prompts are needed (about"}
+    said = [report.says(v, **texts) for v in cases]
+    assert len(set(said)) == 5 and all(s.startswith(w) for s, w in zip(said, cases.values()))
+    with pytest.raises(ValueError, match="missing .'undecided'."):
+        report.says(YES, **{k: v for k, v in texts.items() if k != "undecided"})
