@@ -155,3 +155,9 @@ def test_an_unpaired_difference_resamples_each_side_and_a_scaled_estimate_keeps_
     assert (s.value, s.low, s.high, s.n) == (0.2, 0.0, 0.4, 9)
     with pytest.raises(ValueError):
         stats.scaled(s, 0.0)
+
+
+def test_a_verdict_on_an_exact_number_speaks_of_its_value_not_an_interval():
+    assert stats.judge(stats.exact(2), null=0, paper=4).reason == "the value is short of the paper's 4"
+    assert stats.judge(stats.exact(0), null=0, paper=4).reason == "the value is not beyond the null (0)"
+    assert stats.judge(stats.Estimate(0.1, 0.05, 0.15, 9), paper=0.3).reason.startswith("the whole interval")

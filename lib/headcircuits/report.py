@@ -58,17 +58,22 @@ def findings(rows: Iterable[Mapping[str, str]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
-def publish(table: pd.DataFrame, key: str = "findings") -> pd.DataFrame:
+def shown(table: pd.DataFrame) -> "pd.io.formats.style.Styler":
+    """A reproduction table as the book shows it: no index column, text aligned left."""
+    return table.style.hide(axis="index").set_properties(**{"text-align": "left"})
+
+
+def publish(table: pd.DataFrame, key: str = "findings") -> "pd.io.formats.style.Styler":
     """Store the table for the book's scorecard (myst-nb glue, not displayed here; its rows also as JSON under
-    ``key + "_rows"``) and return it for display. Outside a book build (no myst-nb, e.g. on Colab) it is only
-    returned."""
+    ``key + "_rows"``) and return it for display (:func:`shown`). Outside a book build (no myst-nb, e.g. on Colab)
+    it is only returned."""
     try:
         from myst_nb import glue
     except ImportError:  # pragma: no cover - myst-nb is part of the book's environment
-        return table
-    glue(key, table.style.hide(axis="index"), display=False)
+        return shown(table)
+    glue(key, shown(table), display=False)
     glue(key + ROWS, json.dumps(table.to_dict(orient="records"), ensure_ascii=False), display=False)
-    return table
+    return shown(table)
 
 
 def rows_of(notebook: Path, key: str = "findings") -> list[dict[str, str]]:

@@ -224,6 +224,7 @@ def judge(
     low, high = sorted((sign * estimate.low, sign * estimate.high))
     paper_s = None if paper is None else sign * paper
     fmt = show.format
+    it = "the value" if estimate.low == estimate.high else "the interval"  # an exact number has no width
     if paper_s is not None and paper_s <= null_s:  # e.g. a random control that already moves as far as the paper
         note = f"the null ({fmt(null)}) is already at the paper's {fmt(paper)}, so only the direction is judged"
         plain = judge(estimate, null=null, direction=direction, show=show)
@@ -231,9 +232,10 @@ def judge(
     if low > null_s:
         if paper_s is None or high >= paper_s:
             return Verdict("reproduces")
-        return Verdict("same direction, smaller", f"the whole interval is short of the paper's {fmt(paper)}")
+        return Verdict("same direction, smaller", f"{'the whole interval' if it == 'the interval' else it} is short "
+                                                  f"of the paper's {fmt(paper)}")
     if high <= null_s:
-        return Verdict("does not reproduce", f"the interval is not beyond the null ({fmt(null)})")
+        return Verdict("does not reproduce", f"{it} is not beyond the null ({fmt(null)})")
     if paper_s is not None and high < paper_s:
         return Verdict("does not reproduce", f"an effect of the paper's size ({fmt(paper)}) is ruled out")
     ways = [(value - null_s, value - low), (null_s - value, high - value)]
