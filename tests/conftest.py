@@ -22,6 +22,15 @@ SHARED = ROOT.parent / "shared"
 FAMILIES = ["tiny-gpt2", "tiny-llama", "tiny-gemma3", "tiny-gpt-neox"]
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state, so a test's random inputs do not depend on which tests ran
+    before it (the order, the slow tests that were selected, what a cache spared)."""
+    import torch
+
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session", params=FAMILIES)
 def tiny(request):
     """One tiny random model per architecture family (read-only: tests must not edit its weights)."""
