@@ -321,3 +321,43 @@ def test_each_model_keeps_its_colour_in_every_chart():
     assert alone["gemma-3-270m"] == both["gemma-3-270m"] != both["smollm2-135m"] == papers["smollm2-135m"]
     assert len(set(papers.values())) == 4  # a local model takes a colour no zoo model uses
     assert papers["my-model"] not in [both["smollm2-135m"], both["gemma-3-270m"], papers["gpt2-small"]]
+
+
+def test_a_figure_is_readable_as_the_book_shows_it():
+    """Text size in CSS pixels at the displayed size: a figure wider than the 736 px column is scaled down to it
+    at 1280 px; on a phone it keeps its own size (and scrolls)."""
+    import matplotlib.pyplot as plt
+
+    plots.set_theme()  # 110 dpi: a point is 110 / 72 = 1.53 px at the figure's own size
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot([0, 1], [0, 1])
+    width, sizes = plots.text_sizes(fig)
+    assert abs(width - fig.get_tightbbox().width * 110 - 22) < 1  # the tight box and its 0.1-inch pads
+    tick = ax.get_xticklabels()[0].get_fontsize() * 110 / 72
+    assert width < plots.COLUMN_PX and all(abs(d - p) < 1e-9 for _, d, p in sizes)  # not scaled
+    assert min(p for _, _, p in sizes) == pytest.approx(tick)
+    assert plots.check_readable(fig) is fig
+    ax.set_title("small", fontsize=5)  # 7.6 px at any width
+    with pytest.raises(ValueError, match="'small': 7.6 px at 1280 px, 7.6 px on a phone"):
+        plots.check_readable(fig)
+    plt.close(fig)
+    # 8 pt reads at the figure's own size (12.2 px) but not scaled from ~1010 px to the column (8.9 px)
+    fig, ax = plt.subplots(figsize=(11, 3))
+    ax.set_title("eight points", fontsize=8)
+    width, sizes = plots.text_sizes(fig)
+    desk, phone = next((d, p) for t, d, p in sizes if t == "eight points")
+    assert phone == pytest.approx(8 * 110 / 72) and desk == pytest.approx(phone * plots.COLUMN_PX / width)
+    with pytest.raises(ValueError, match="'eight points'"):
+        plots.check_readable(fig)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3))  # four panels in a row: too wide for a phone
+    with pytest.raises(ValueError, match="fewer panels in a row"):
+        plots.check_readable(fig)
+    plt.close(fig)
+
+
+def test_every_figure_of_the_book_goes_through_the_readability_check():
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        code = "".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+        assert "plt.show(" not in code, f"{path.name}: show figures with plots.show() (it checks they read on a phone)"
+        assert "plots.show()" in code or "plt." not in code

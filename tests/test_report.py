@@ -72,3 +72,47 @@ def test_a_sentence_follows_its_verdict_and_every_outcome_has_one():
     assert len(set(said)) == 5 and all(s.startswith(w) for s, w in zip(said, cases.values()))
     with pytest.raises(ValueError, match="missing .'undecided'."):
         report.says(YES, **{k: v for k, v in texts.items() if k != "undecided"})
+
+
+def test_behaviour_is_decided_by_the_interval_against_chance():
+    assert report.behaviour(stats.Estimate(0.45, 0.40, 0.50, 300), 1 / 3) == "above chance"
+    assert report.behaviour(stats.Estimate(0.30, 0.25, 0.33, 300), 1 / 3) == "at chance"
+    assert report.behaviour(stats.Estimate(0.36, 0.30, 0.42, 300), 1 / 3) == "undecided"
+    # the same interval is above one chance level and undecided against a higher one
+    assert report.behaviour(stats.Estimate(0.45, 0.40, 0.50, 300), 0.42) == "undecided"
+
+
+def test_the_behaviour_sentence_changes_with_the_numbers_it_quotes():
+    above, at, unsure = (stats.Estimate(0.45, 0.40, 0.50, 300), stats.Estimate(0.30, 0.25, 0.33, 300),
+                         stats.Estimate(0.36, 0.30, 0.42, 300))
+    yes = report.has_behaviour("m", {"ours": above, "the paper's": above}, 1 / 3)
+    assert "is above chance on every prompt set" in yes and str(above) in yes and "33.3 %" in yes
+    no = report.has_behaviour("m", {"ours": at, "the paper's": at}, 1 / 3)
+    assert "is at chance" in no and "not a mechanism" in no and str(at) in no
+    # one set above and one at chance, or one undecided: neither claim is made
+    for mixed in ({"ours": above, "the paper's": at}, {"ours": above, "the paper's": unsure}):
+        text = report.has_behaviour("m", mixed, 1 / 3)
+        assert "not settled" in text and "above chance on every" not in text and "is at chance" not in text
+    assert "not settled" in report.has_behaviour("m", {"ours": above}, 0.42)  # the same number, a higher chance
+
+
+def test_the_repair_account_changes_with_the_numbers_it_quotes():
+    gain = stats.Estimate(0.33, 0.25, 0.42, 120)
+    args = dict(attention_drop=0.20, best_alone=("only 24.4", 1.10), listed=(0.77, 0.32))
+    text = report.repair_account("m", gain, YES, 0.02, **args)
+    assert "raises accuracy" in text and gain.points() in text
+    assert "look at the wrong colours less (mean attention 0.20 lower)" in text
+    assert "only 24.4 alone gives 110% of the full gain" in text
+    assert "77% of prompts before and 32% after: the repair pushes the colours off the top" in text
+    # a verdict that fails: no account of a route, whatever the other numbers say
+    failed = report.repair_account("m", stats.Estimate(0.02, -0.02, 0.06, 120), NO, 0.03, **args)
+    assert "does not raise accuracy" in failed and "+3.0 points" in failed and "route" in failed
+    assert "look at the wrong colours less" not in failed and "carries" not in failed
+    # each number on the other side of its threshold turns its clause
+    still = report.repair_account("m", gain, YES, 0.02, **{**args, "attention_drop": 0.01})
+    assert "hardly moves (mean attention changes by -0.01)" in still and "look at the wrong colours less" not in still
+    assert "no movers classed" in report.repair_account("m", gain, YES, 0.02, **{**args, "attention_drop": None})
+    shared = report.repair_account("m", gain, YES, 0.02, **{**args, "best_alone": ("only 24.4", 0.60)})
+    assert "carries most" not in shared and "60%" not in shared
+    kept = report.repair_account("m", gain, YES, 0.02, **{**args, "listed": (0.77, 0.75)})
+    assert "77% of prompts before and 75% after." in kept and "off the top" not in kept

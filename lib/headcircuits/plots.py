@@ -32,6 +32,58 @@ def set_theme() -> None:
     pd.set_option("display.max_colwidth", None)
 
 
+#: the book's text column at 1280 px (sphinx-book-theme), in CSS pixels: a wider figure is scaled down to it
+COLUMN_PX = 736
+#: the smallest text a figure may show, in CSS pixels at the size it is displayed (at 1280 px and on a phone)
+MIN_TEXT_PX = 9.0
+#: the widest a figure may be (pixels at its own dpi): below 700 px the book shows figures at their own size and
+#: scrolls them sideways (book/_css), so this is at most three screens of a 390 px phone
+MAX_FIGURE_PX = 1100
+
+
+def text_sizes(fig: plt.Figure) -> tuple[float, list[tuple[str, float, float]]]:
+    """The figure's width as saved for the book (pixels: tight bounding box at the figure's dpi, as the inline
+    backend saves it) and, for every visible non-empty text, ``(text, px at 1280, px on a phone)``: its size in
+    CSS pixels as the book displays it (scaled to :data:`COLUMN_PX` when wider at 1280 px; its own size on a
+    phone)."""
+    from matplotlib.text import Text
+
+    renderer = fig.canvas.get_renderer()
+    width = (fig.get_tightbbox(renderer).width + 2 * plt.rcParams["savefig.pad_inches"]) * fig.dpi
+    scale = min(1.0, COLUMN_PX / width)
+    sizes = []
+    for t in fig.findobj(Text):
+        if t.get_visible() and t.get_text().strip() and (t.axes is None or t.axes.get_visible()):
+            own = t.get_fontsize() * fig.dpi / 72
+            sizes.append((t.get_text(), own * scale, own))
+    return width, sizes
+
+
+def check_readable(fig: plt.Figure) -> plt.Figure:
+    """``fig``, if it reads in the book on a desktop and on a phone: at most :data:`MAX_FIGURE_PX` wide, and every
+    text at least :data:`MIN_TEXT_PX` at its displayed size; otherwise a ValueError naming the smallest text and
+    the fix (fewer panels per row, a narrower figure, a larger font)."""
+    width, sizes = text_sizes(fig)
+    if width > MAX_FIGURE_PX + 0.5:
+        raise ValueError(f"the figure is {width:.0f} px wide (at most {MAX_FIGURE_PX}, three phone screens): put "
+                         "fewer panels in a row (col_wrap=, one figure per model) or make it narrower")
+    small = [(text, desk, phone) for text, desk, phone in sizes if min(desk, phone) < MIN_TEXT_PX - 1e-6]
+    if small:
+        text, desk, phone = min(small, key=lambda s: min(s[1], s[2]))
+        raise ValueError(
+            f"{len(small)} texts of the figure are smaller than {MIN_TEXT_PX:.0f} px as the book shows them, e.g. "
+            f"{text[:40]!r}: {desk:.1f} px at 1280 px, {phone:.1f} px on a phone (the figure is {width:.0f} px wide; "
+            f"the column {COLUMN_PX}): use a larger font or a narrower figure")
+    return fig
+
+
+def show(fig: plt.Figure | None = None) -> None:
+    """Show a figure in the book (``plt.show()``) after :func:`check_readable`: the book's figures go through here,
+    so that none is too small to read on a phone (a failing check fails the build)."""
+    check_readable(fig if fig is not None else plt.gcf())
+    plt.show()
+
+
 # One colour per model in every chart of the book (seaborn's colour-blind palette, by index).
 MODEL_COLOUR_INDEX = {"smollm2-135m": 0, "gemma-3-270m": 1, "gpt2-small": 2, "gpt2-medium": 3, "pythia-160m": 4}
 
@@ -113,9 +165,9 @@ def effect_heatmaps(
     layers from ``min_layer`` up, each stage's selected heads outlined. Positive: patching the head moves the
     model towards its counterfactual behaviour (the head supports the answer); negative: it works against it."""
     names = list(tables)
-    ncols = 2 if len(names) == 4 else max(1, len(names))
+    ncols = min(2, max(1, len(names)))  # at most two per row: readable at the text column's width and on a phone
     nrows = -(-len(names) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols + 0.6, 5.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 0.6, 5.2 * nrows), squeeze=False)
     for ax in axes.flat[len(names):]:
         ax.set_visible(False)
     for ax, name in zip(axes.flat, names):
@@ -201,10 +253,10 @@ def region_map(points: Float[Tensor, "point dim"], labels: Sequence[int], n: int
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(color=palette[i], label=str(i)) for i in sorted(set(lab.tolist()))], title="index",
-              fontsize=5, title_fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+              fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     for setter, label in zip((ax.set_xlabel, ax.set_ylabel, getattr(ax, "set_zlabel", None)), axis_labels):
         if setter is not None:
-            setter(label, fontsize=6)
-    ax.tick_params(labelsize=5)
-    ax.set_title(title, fontsize=8)
+            setter(label, fontsize=7)
+    ax.tick_params(labelsize=7)  # at least 9 px in the book (plots.check_readable) at two maps per row
+    ax.set_title(title, fontsize=9)
     return ax

@@ -14,7 +14,8 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
-from headcircuits.stats import OUTCOMES, Verdict
+from headcircuits import stats
+from headcircuits.stats import OUTCOMES, Estimate, Verdict
 
 COLUMNS = ("claim", "model", "paper", "ours", "verdict")
 ROWS = "_rows"  # suffix of the glue key under which a chapter also stores its rows as JSON (for the scorecard)
@@ -39,6 +40,65 @@ def says(verdict: Verdict, **by_outcome: str) -> str:
     if missing or unknown:
         raise ValueError(f"says needs one text per outcome: missing {missing}, unknown {unknown}")
     return by_outcome[names[verdict.outcome]].replace("{reason}", verdict.reason)
+
+
+#: what a model's accuracy says about a behaviour (:func:`behaviour`): the side test's outcome -> the words
+BEHAVIOUR = {"reproduces": "above chance", "does not reproduce": "at chance", "inconclusive": "undecided"}
+
+
+def behaviour(accuracy: Estimate, chance: float) -> str:
+    """Whether a model has a task's behaviour: ``above chance`` (the accuracy's whole 95 % interval above
+    ``chance``), ``at chance`` (the interval at or below it) or ``undecided`` (it contains chance). The chapters
+    look for a circuit only behind a behaviour (Wang et al. 2022, section 3; Merullo et al. 2024, section 3)."""
+    return BEHAVIOUR[stats.verdict(accuracy, threshold=chance)]
+
+
+def has_behaviour(model: str, accuracies: Mapping[str, Estimate], chance: float) -> str:
+    """The sentence a circuit chapter prints before it looks for a circuit: whether ``model`` is above chance on
+    every prompt set of ``accuracies`` (label -> accuracy), at chance on all, or neither, quoting each number."""
+    quoted = "; ".join(f"{label}: {a}" for label, a in accuracies.items()) + f"; chance {100 * chance:.1f} %"
+    calls = {behaviour(a, chance) for a in accuracies.values()}
+    if calls == {"above chance"}:
+        return f"- **{model}** is above chance on every prompt set ({quoted}), so it has the behaviour whose circuit we look for."
+    if calls == {"at chance"}:
+        return (f"- **{model} is at chance** ({quoted}). It does not have the behaviour, so its circuit below is the "
+                "set of heads that move the logit difference between the answer and the counterfactual's, not a "
+                "mechanism that solves the task; what is built on that circuit is read with this in mind.")
+    return (f"- Whether **{model}** has the behaviour is not settled by these prompts ({quoted}): read its circuit "
+            "below with that caveat.")
+
+
+def repair_account(
+    model: str, gain: Estimate, verdict: Verdict, null: float, *, attention_drop: float | None,
+    best_alone: tuple[str, float] | None, listed: tuple[float, float],
+    carries: float = 0.75, moves: float = 0.05, falls: float = 0.10,
+) -> str:
+    """How the Colored Objects repair (Merullo et al. 2024, section 5) worked on ``model``, from its numbers:
+    ``gain`` (accuracy among the colours, forced minus unforced) and its ``verdict``; ``null`` the best random
+    head set's gain; ``attention_drop``: how much less the movers attend to the wrong colours when forced (None: no
+    mover classed); ``best_alone``: the forced head whose run alone gives the largest share of the full gain (its
+    label, that share); ``listed``: the share of prompts whose top-1 token is a listed colour, before and after.
+    The thresholds (ours): one head ``carries`` the repair above that share of the gain; the movers' attention
+    ``moves`` by more than that; the listed share ``falls`` by more than that."""
+    if not verdict.holds:
+        return (f"- **{model}**: forcing the heads does not raise accuracy among the colours beyond the random "
+                f"controls (gain {gain.points()}; best random set {100 * null:+.1f} points; {verdict}), so there is "
+                "no repair whose route to explain.")
+    if attention_drop is not None and attention_drop > moves:
+        route = (f"the movers look at the wrong colours less (mean attention {attention_drop:.2f} lower), as the "
+                 "paper's account predicts")
+    else:
+        route = ("the movers' attention to the wrong colours hardly moves ("
+                 + ("no movers classed" if attention_drop is None else f"mean attention changes by {-attention_drop:+.2f}")
+                 + "): it works some other way on this model, e.g. through the forced heads' own outputs (a negative "
+                 "mover writes against what it attends to)")
+    one = (f" One head carries most of it: {best_alone[0]} alone gives {best_alone[1]:.0%} of the full gain."
+           if best_alone is not None and best_alone[1] > carries else "")
+    before, after = listed
+    off_top = (": the repair pushes the colours off the top, so it is a repair among the three colours only."
+               if after < before - falls else ".")
+    return (f"- **{model}**: the repair raises accuracy among the colours ({gain.points()}) and {route}.{one} The "
+            f"top-1 token is a listed colour in {before:.0%} of prompts before and {after:.0%} after{off_top}")
 
 
 def findings(rows: Iterable[Mapping[str, str]]) -> pd.DataFrame:
