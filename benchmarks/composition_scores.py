@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from headcircuits import svd
+from headcircuits import weights as svd
 
 
 def main() -> None:

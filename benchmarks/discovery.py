@@ -24,12 +24,14 @@ def main() -> None:
 
     from headcircuits import circuits
     from headcircuits.models import load_model
+    from headcircuits.store import STORE
     from headcircuits.tasks import ioi
 
     model = load_model(args.model)
     data = ioi.generate(model, args.prompts, seed=0, counterfactual="abc")
     runs, totals = [], []
     for _ in range(args.repeats):
+        STORE.clear()  # cold: no clean pass kept from the repeat before
         start = time.perf_counter()
         circuit = circuits.discover(model, data, progress=False, cache=False)
         totals.append(time.perf_counter() - start)

@@ -20,17 +20,17 @@ import time
 def run_one(args) -> None:
     import torch
 
-    from headcircuits import patching
+    from headcircuits import path_patching as patching
     from headcircuits.models import load_model
     from headcircuits.tasks import ioi
 
     model = load_model(args.model)
     data = ioi.generate(model, args.prompts, seed=0, counterfactual="abc")
     L, H = model.facts.n_layers, model.facts.n_heads
-    from headcircuits import metrics
+    from headcircuits import scoring
 
     def top3(query: str, key: str) -> tuple:
-        score = metrics.attention_between(model, data, query, key).flatten().topk(3).indices
+        score = scoring.attention_between(model, data, query, key).flatten().topk(3).indices
         return tuple((int(i) // H, int(i) % H) for i in score)
 
     # data-driven receivers like the discovery stages': mover-like heads (END -> IO) for q at END,

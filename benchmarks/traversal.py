@@ -1,4 +1,4 @@
-"""Benchmark (not a test): Talking Heads' 3-D traversal (§5.2) with ``channels.traverse``.
+"""Benchmark (not a test): Talking Heads' 3-D traversal (§5.2) with ``traversal.traverse``.
 
     .venv/bin/python benchmarks/traversal.py [--model smollm2-135m] [--grid 10] [--prompts 250] [--length 3]
         [--channel 19.2:0,20.0:0,21.5:0 --mover 23.3] [--device cpu] [--check 3]
@@ -7,8 +7,8 @@ Target (issue 12): a 10 x 10 x 10 grid on 250 Laundry List prompts of one N in u
 exact. Prints grid points x prompts per second, the time, the peak memory, how long the plain hooked forward pass
 takes per point on the same prompts, and the paper's cost for a sweep (about 12 hours per dataset on one RTX 3090).
 It also times reading the channel's coordinates (which set the grid) and then traversing, as the chapter does:
-with the read's pass over the prompts kept for the traversal (``coefficients(..., through=mover layer)``), and
-without (the read and the traversal each run the prompts).
+with the read's pass over the prompts kept for the traversal (the engine keeps it), and without (the kept pass
+dropped in between, so the read and the traversal each run the prompts).
 The channel and mover default to heads of the embedded model's IOI circuit (any heads give the same timing);
 ``--check K`` compares K grid points with the plain hooked forward pass.
 """
@@ -18,9 +18,10 @@ import resource
 import time
 
 import torch
-
-from headcircuits import channels, metrics, svd
+from headcircuits import channels, traversal, weights
+from headcircuits.engine import Read
 from headcircuits.models import load_model
+from headcircuits.store import STORE
 from headcircuits.tasks import laundry_list
 
 DEFAULTS = {"smollm2-135m": ("19.2:0,20.0:0,21.5:0", "23.3"), "gemma-3-270m": ("9.3:0,11.2:0,9.0:0", "11.3")}
@@ -49,32 +50,31 @@ def main() -> None:
         raise SystemExit(f"give --channel and --mover for {args.model}")
     picked = {head(h): [int(c)] for h, c in (part.split(":") for part in channel_text.split(","))}
     mover = head(mover_text)
-    weights = svd.from_model(model)
-    channel = channels.Channel.pick(weights, picked, offsets=svd.value_offsets(model))
+    w = weights.from_model(model)
+    channel = channels.Channel.pick(w, picked, offsets=weights.value_offsets(model))
     data = laundry_list.generate(model, args.prompts, seed=0, lengths=args.length)
     keys = [f"ITEM_{k}" for k in range(args.length)]
     timings = {}
     for shared in (False, True):  # read the coordinates, then traverse a 2 x 2 x 2 grid, as the chapter does
-        metrics.forget_recent()  # no pass kept from before
+        STORE.clear()  # no pass kept from before
         start = time.perf_counter()
-        coords = channel.coefficients(model, data, through=mover[0] if shared else None)
+        coords = channel.coefficients(model, data)
+        if not shared:
+            STORE.clear()
         small = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0])] * coords.shape[1])
-        channels.traverse(model, data, channel, small, mover, keys, progress=False)
+        traversal.traverse(model, data, channel, small, mover, keys, progress=False)
         timings[shared] = time.perf_counter() - start
-    same = max(l for l, _ in channel.heads) == mover[0]
     print(f"read the coordinates, then traverse 8 points: {timings[True]:.1f} s with the read's pass kept for the "
-          f"traversal (through = the mover's layer), {timings[False]:.1f} s with a pass each"
-          + (" (no difference to expect: the channel's highest layer is the mover's, so the read keeps the "
-             "traversal's pass by default)" if same else ""))
+          f"traversal, {timings[False]:.1f} s with a pass each")
     spread = coords.abs().max(0).values * 1.5
     axes = [torch.linspace(-float(s), float(s), args.grid) for s in spread]
     points = torch.cartesian_prod(*axes)
     print(f"{args.model} on {model.device}; torch threads {torch.get_num_threads()}; channel {channel.labels}, "
           f"mover {mover[0]}.{mover[1]}; {len(points)} grid points x {len(data)} prompts of N = {args.length} "
           f"(mean length {float(data.clean.lengths.float().mean()):.0f} tokens)")
-    metrics.forget_recent()  # the traversal's time includes its pass over the prompts, as before
+    STORE.clear()  # the traversal's time includes its pass over the prompts, as before
     start = time.perf_counter()
-    attention = channels.traverse(model, data, channel, points, mover, keys, progress=False)
+    attention = traversal.traverse(model, data, channel, points, mover, keys, progress=False)
     elapsed = time.perf_counter() - start
     rate = len(points) * len(data) / elapsed
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -89,9 +89,11 @@ def main() -> None:
             seen["p"] = p[:, mover[1]].detach()
             return p
 
+        rows = torch.arange(len(data))
+        positions = torch.arange(data.clean.ids.shape[1], device=model.device).expand(len(data), -1)
         with torch.no_grad():
             model.bridge.run_with_hooks(data.clean.ids.to(model.device), fwd_hooks=[
-                *replacement.hooks_for(data)(0, len(data)), (f"blocks.{mover[0]}.attn.hook_pattern", record)],
+                *replacement.hooks(data, rows, positions), (Read("pattern", mover[0]).name, record)],
                 stop_at_layer=mover[0] + 1)
         rows, end = torch.arange(len(data)), data.at("END")
         plain = torch.stack([seen["p"].cpu()[rows, end, data.at(k)] for k in keys], dim=-1)

@@ -31,6 +31,17 @@ def _seeded():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _nothing_kept():
+    """Every test starts with no kept pass (:data:`headcircuits.store.STORE`), so what it measures does not depend
+    on what an earlier test left in memory."""
+    from headcircuits.store import STORE
+
+    STORE.clear()
+    yield
+    STORE.clear()
+
+
 @pytest.fixture(scope="session", params=FAMILIES)
 def tiny(request):
     """One tiny random model per architecture family (read-only: tests must not edit its weights)."""
@@ -65,6 +76,6 @@ def gpt2_weights():
     path = SHARED / "gpt2-small-attention"
     if not path.is_dir():
         pytest.skip(f"../shared is absent ({path} not found): GPT-2 small's real weights are needed")
-    from headcircuits import svd
+    from headcircuits import weights
 
-    return svd.load_gpt2_small_attention(path)
+    return weights.load_gpt2_small_attention(path)

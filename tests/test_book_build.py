@@ -96,6 +96,16 @@ case "$2" in *bad*) echo "WARNING: broken"; exit 2;; esac
     monkeypatch.setattr(book.sys, "executable", str(fake.with_name("python")))
     book.render((tmp_path / "student", tmp_path / "a"), (tmp_path / "instructor", tmp_path / "b"))
     out = capsys.readouterr().out
+    assert out.index(f"built {tmp_path / 'student'}") < out.index(f"built {tmp_path / 'instructor'}")
+    assert "ran alone" not in out
+    for f in tmp_path.glob("*.started"):
+        f.unlink()
+    with pytest.raises(subprocess.CalledProcessError) as failed:  # the second edition fails: so does the build
+        book.render((tmp_path / "student", tmp_path / "a"), (tmp_path / "bad-instructor", tmp_path / "b"))
+    assert "bad-instructor" in " ".join(failed.value.cmd)
+    out = capsys.readouterr().out  # both logs, the good one first, whole
+    assert f"built {tmp_path / 'student'}" in out and "WARNING: broken" in out
+    assert out.index(f"built {tmp_path / 'student'}") < out.index(f"built {tmp_path / 'bad-instructor'}")
 
 
 def test_the_execution_report_lists_every_chapter_its_time_memory_and_overrides(tmp_path):

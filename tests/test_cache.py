@@ -6,7 +6,10 @@ from dataclasses import replace
 
 import torch
 
-from headcircuits import cache, patching
+import pytest
+
+from headcircuits import cache
+from headcircuits import path_patching as patching
 from headcircuits.tasks import ioi
 
 
@@ -23,11 +26,12 @@ def test_same_key_is_computed_once_other_keys_again(tmp_path):
     assert torch.equal(a, b) and calls == [1, 3] and torch.equal(c, torch.tensor([3, 6]))
 
 
-def test_unreadable_file_is_recomputed(tmp_path):
+def test_unreadable_file_is_recomputed_with_a_warning_that_names_it(tmp_path):
     cache.cached("t", {"k": 1}, lambda: torch.zeros(2), root=tmp_path)
     (path,) = (tmp_path / "t").glob("*.pt")
     path.write_bytes(b"not a torch file")
-    value = cache.cached("t", {"k": 1}, lambda: torch.ones(2), root=tmp_path)
+    with pytest.warns(UserWarning, match=f"{path.name}.*cannot be read.*HEADCIRCUITS_RESULTS"):
+        value = cache.cached("t", {"k": 1}, lambda: torch.ones(2), root=tmp_path)
     assert torch.equal(value, torch.ones(2))
     assert torch.equal(torch.load(path), torch.ones(2))
 
@@ -51,23 +55,44 @@ def test_cached_path_patching_returns_the_same_table(tiny, tmp_path, monkeypatch
     assert len(list((tmp_path / "path_patch").glob("*.pt"))) == 1
 
 
-def test_cached_evaluation_is_keyed_by_the_intervention(tiny, tmp_path, monkeypatch):
+def test_cached_evaluation_is_keyed_by_the_edits(tiny, tmp_path, monkeypatch):
     import pandas as pd
 
-    from headcircuits import channels, metrics, svd
+    from headcircuits import scoring
+    from headcircuits.edits import ResidualAddition
 
     monkeypatch.setenv("HEADCIRCUITS_RESULTS", str(tmp_path))
     data = ioi.generate(tiny, 4, seed=0)
-    channel = channels.Channel.of(svd.from_model(tiny), [(1, 0)], per_head=2)
-    shifts = [channels.ChannelShift(channel, torch.tensor([3.0, -3.0]), scale=s) for s in (1.0, 2.0)]
-    plain = metrics.evaluate(tiny, data, cache_as="none")
-    pd.testing.assert_frame_equal(plain, metrics.evaluate(tiny, data))
-    first = metrics.evaluate(tiny, data, hooks_for=shifts[0].hooks_for(data), cache_as=shifts[0])
-    again = metrics.evaluate(tiny, data, hooks_for=shifts[0].hooks_for(data), cache_as=shifts[0])
-    other = metrics.evaluate(tiny, data, hooks_for=shifts[1].hooks_for(data), cache_as=shifts[1])
+    adds = [ResidualAddition(1, "END", torch.full((tiny.facts.d_model,), s)) for s in (1.0, 2.0)]
+    plain = scoring.evaluate(tiny, data, cache=True)
+    pd.testing.assert_frame_equal(plain, scoring.evaluate(tiny, data))
+    first = scoring.evaluate(tiny, data, [adds[0]], cache=True)
+    again = scoring.evaluate(tiny, data, [adds[0]], cache=True)
+    other = scoring.evaluate(tiny, data, [adds[1]], cache=True)
     pd.testing.assert_frame_equal(first, again)
-    assert len(list((tmp_path / "evaluate").glob("*.pt"))) == 3  # none, scale 1, scale 2
+    assert len(list((tmp_path / "evaluate").glob("*.pt"))) == 3  # none, +1, +2
     assert not first.logit_diff.equals(other.logit_diff)
+
+
+def test_the_decorator_keys_every_argument_and_refuses_what_it_cannot_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADCIRCUITS_RESULTS", str(tmp_path))
+    calls = []
+
+    @cache.on_disk("f", enabled_by="keep", ignore=("progress",))
+    def f(x, scale=2.0, *, keep=True, progress=False, extra=None):
+        calls.append((x, scale, extra))
+        return torch.tensor([x * scale])
+
+    assert f(1) == f(1, progress=True) == f(1, 2.0) and len(calls) == 1  # defaults bound, progress ignored
+    f(1, scale=3.0)
+    f(1, extra="a")
+    assert len(calls) == 3  # every other argument is part of the key, keyword-only ones included
+    f(1, keep=False)
+    assert len(calls) == 4  # switched off: computed, nothing read
+    with pytest.raises(TypeError, match=r"cannot key a cached result by extra=function.*keep=False"):
+        f(1, extra=lambda: 0)
+    with pytest.raises(TypeError, match="no parameter 'quiet'"):
+        cache.on_disk("g", ignore=("quiet",))(lambda x: x)
 
 
 def test_a_result_cached_by_another_library_source_is_not_used(tmp_path, monkeypatch):
@@ -110,7 +135,7 @@ def test_path_patching_cache_is_keyed_by_the_baseline(tiny, tmp_path, monkeypatc
     base = patching.baseline(tiny, data)
     assert base.key == patching.baseline(tiny, data).key != patching.baseline(tiny, data.subset([0, 1])).key
     first = patching.path_patch(tiny, data, receivers, senders, cache=True, progress=False, base=base)
-    shifted = replace(base, ld_clean=base.ld_clean + 1.0, key=None)  # a hand-made baseline: keyed by its values
+    shifted = replace(base, ld_clean=base.ld_clean + 1.0)  # a changed baseline: keyed by its values
     second = patching.path_patch(tiny, data, receivers, senders, cache=True, progress=False, base=shifted)
     assert len(list((tmp_path / "path_patch").glob("*.pt"))) == 2
     assert not torch.allclose(first[0, 0], second[0, 0])

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
-from headcircuits import circuits, metrics
+from headcircuits import circuits, head_classes, scoring
+from headcircuits.models import architecture
 from headcircuits.tasks import ioi
 
 
@@ -35,16 +35,39 @@ def test_overlap_and_its_exact_random_baseline():
     assert abs(float((sim >= o.fraction).float().mean()) - o.p_value) < 0.01
 
 
-def test_colored_objects_stages_are_the_default_for_its_data(tiny):
+def test_colored_objects_stages_are_the_default_for_its_data(tiny, monkeypatch):
+    """Colored Objects data runs the Colored Objects stages (three, the duplicate stage read at QUERY), not IOI's
+    four (the duplicate stage read at S2, a previous-token stage): every stage either has a table or says why not."""
+    from dataclasses import replace
+
+    from headcircuits import path_patching as patching
     from headcircuits.tasks import colored_objects as co
 
     data = co.generate(tiny, 4, seed=0)
-    circuit = circuits.discover(tiny, data, fraction=0.1, min_effect=0.0, cache=False, progress=False)
-    assert list(circuit.tables) == [s.name for s in circuits.CO_STAGES][: len(circuit.tables)]  # 3 layers: may stop early
+    seen, path_patch = [], patching.path_patch
+    monkeypatch.setattr(patching, "path_patch", lambda m, d, receivers, *a, **k: seen.append(receivers)
+                        or path_patch(m, d, receivers, *a, **k))
+    circuit = circuits.discover(tiny, data, fraction=0.3, min_effect=0.0, cache=False, progress=False)
+    names = [s.name for s in circuits.CO_STAGES]
+    assert [s for s in names if s in circuit.tables or s in circuit.notes] == names  # all three, accounted for
+    assert "previous" not in circuit.tables and "previous" not in circuit.notes  # IOI's fourth stage
+    assert [(r.kind, r.position) for r in seen] == [(s.kind, s.position) for s in circuits.CO_STAGES][: len(seen)]
+    assert seen and all(s in circuit.notes for s in names[len(seen):])  # a stage not run says why
+    if len(seen) == 3:
+        assert seen[2].position == "QUERY"  # IOI would read the duplicate stage at S2
     with pytest.raises(ValueError, match="stages="):
-        from dataclasses import replace
-
         circuits.discover(tiny, replace(data, task="other"), progress=False)
+
+
+def test_a_stage_that_cannot_run_ends_discovery_and_says_why(tiny):
+    """A stage with no receivers (the stage before selected no head) is not skipped silently: it and every later
+    stage get a note, and no table."""
+    data = ioi.generate(tiny, 4, seed=0, counterfactual="abc")
+    circuit = circuits.discover(tiny, data, fraction=0.1, min_effect=1e6, cache=False, progress=False)
+    assert list(circuit.tables) == ["movers"] and len(circuit) == 0  # nothing moves the logits by 10^6
+    for stage in ("inhibition", "duplicate", "previous"):
+        assert circuit.notes[stage] == ("not run: discovery stopped at inhibition, because the stage before "
+                                        "(movers) selected no head, so it has no receivers")
 
 
 def test_direct_logit_differences_add_up_to_the_logit_difference(tiny):
@@ -53,12 +76,12 @@ def test_direct_logit_differences_add_up_to_the_logit_difference(tiny):
     plus those of everything else (embeddings, MLPs, attention biases such as GPT-2's b_O) sum to the logit
     difference, on every family: Gemma-3's post-attention norm included (its heads' writes are scaled by it)."""
     data = ioi.generate(tiny, 5, seed=0)
-    heads = circuits.direct_logit_difference(tiny, data)
+    heads = head_classes.direct_logit_difference(tiny, data)
     _, cache = tiny.bridge.run_with_cache(data.clean.ids)
     rows, ends = torch.arange(len(data)), data.positions["END"]
     at = lambda name: cache[name][rows, ends].double()  # noqa: E731
     resid, normed = at("ln_final.hook_in"), at("ln_final.hook_out")
-    bias = circuits._final_norm_bias(tiny).double()
+    bias = architecture.final_norm_bias(tiny).double()
     centred = resid - resid.mean(-1, keepdim=True) if tiny.facts.norm == "layernorm" else resid
     gain = (normed - bias) / centred
     W_U = tiny.bridge.W_U.detach().double()
@@ -72,7 +95,7 @@ def test_direct_logit_differences_add_up_to_the_logit_difference(tiny):
     attention = [at(f"blocks.{l}.hook_attn_out") for l in range(L)]
     everything = at("blocks.0.hook_resid_pre") + sum(attention) + sum(at(f"blocks.{l}.hook_mlp_out") for l in range(L))
     torch.testing.assert_close(everything, resid, rtol=1e-4, atol=1e-4)  # the decomposition is complete
-    ld = float(metrics.evaluate(tiny, data).logit_diff.mean())
+    ld = float(scoring.evaluate(tiny, data).logit_diff.mean())
     total = dla(everything) + float((bias @ direction).mean())
     assert abs(total - ld) < 1e-3 * max(1.0, abs(ld))
     for layer in range(L):  # each layer's heads add up to its attention write, less what no head writes (b_O)
@@ -88,7 +111,7 @@ def test_direct_logit_differences_add_up_to_the_logit_difference(tiny):
 
 def test_every_head_class_from_hand_built_attention_scores():
     """The rule of classify() on attention scores and direct effects written by hand, one head per case."""
-    names = list(circuits.CLASS_ATTENTION)
+    names = list(head_classes.CLASS_ATTENTION)
     cases = {  # head: (class it attends like, direct logit difference, expected class)
         (0, 0): ("mover", +1.0, "mover"),
         (0, 1): ("mover", -1.0, "negative mover"),
@@ -111,7 +134,7 @@ def test_every_head_class_from_hand_built_attention_scores():
         if cls is not None:
             patterns[cls][head] = 0.6
         dla[head] = effect
-    got = circuits.assign_classes(patterns, dla, list(cases), threshold=0.2, negative=0.1)
+    got = head_classes.assign_classes(patterns, dla, list(cases), threshold=0.2, negative=0.1)
     assert got == {head: expected for head, (_, _, expected) in cases.items()}
 
 
@@ -145,13 +168,13 @@ def test_each_stage_receives_from_the_heads_the_stage_before_selected(tiny, monk
     """Backward discovery: stage i+1's receivers are exactly stage i's heads, read at the stage's position."""
     data = ioi.generate(tiny, 4, seed=0, counterfactual="abc")
     seen = []
-    original = circuits.patching.path_patch
+    original = circuits.path_patching.path_patch
 
     def spy(model, data, receivers, senders, **kwargs):
         seen.append(receivers)
         return original(model, data, receivers, senders, **kwargs)
 
-    monkeypatch.setattr(circuits.patching, "path_patch", spy)
+    monkeypatch.setattr(circuits.path_patching, "path_patch", spy)
     circuit = circuits.discover(tiny, data, fraction=0.25, min_effect=0.0, cache=False, progress=False)
     names = list(circuit.tables)
     assert len(names) >= 2, "a 3-layer model with a quarter of its heads per stage reaches the second stage"
@@ -165,9 +188,9 @@ def test_each_stage_receives_from_the_heads_the_stage_before_selected(tiny, monk
 @pytest.mark.slow
 def test_heads_are_classified_by_behaviour_on_the_embedded_model(smollm2):
     data = ioi.generate(smollm2, 16, seed=0)
-    to_io = metrics.attention_between(smollm2, data, "END", "IO")
+    to_io = scoring.attention_between(smollm2, data, "END", "IO")
     best = divmod(int(to_io.flatten().argmax()), smollm2.facts.n_heads)
-    label = circuits.classify(smollm2, data, [best])[best]
+    label = head_classes.classify(smollm2, data, [best])[best]
     assert label in ("mover", "negative mover")
 
 
@@ -175,18 +198,18 @@ def test_circuit_table_and_classes():
     circuit = circuits.Circuit(heads={(2, 1): ["movers"], (1, 0): ["inhibition", "movers"]},
                                tables={"movers": torch.tensor([[0.0, 0.1], [0.5, 0.0], [0.0, -0.4]]),
                                        "inhibition": torch.tensor([[0.2, float("nan")], [0.3, 0.0], [0.0, 0.0]])})
-    frame = circuits.table(circuit, {(2, 1): "negative mover", (1, 0): "inhibition"})
+    frame = head_classes.table(circuit, {(2, 1): "negative mover", (1, 0): "inhibition"})
     assert list(frame["head"]) == ["1.0", "2.1"]
     assert list(frame["effect (movers)"].round(4)) == [0.5, -0.4]
     assert frame.loc[0, "stages"] == "inhibition, movers" and frame.loc[1, "class"] == "negative mover"
     classes = {(2, 1): "negative mover", (1, 0): "inhibition", (0, 3): "inhibition"}
-    assert circuits.heads_of_class(classes, "inhibition") == ((0, 3), (1, 0))
+    assert head_classes.heads_of_class(classes, "inhibition") == ((0, 3), (1, 0))
 
 
 def test_a_stage_that_is_zero_by_construction_is_not_computed_and_is_zero(tiny):
     """With the S2 -> IO counterfactual nothing changes before S2, so the previous-token stage (keys at S1+1) is
     exactly zero: discovery records zeros without running it, and running it confirms them."""
-    from headcircuits import patching
+    from headcircuits import path_patching as patching
 
     data = ioi.generate(tiny, 4, seed=0, counterfactual="s2io")
     assert patching.zero_by_construction(data, "S1+1") and not patching.zero_by_construction(data, "S2")
@@ -206,7 +229,7 @@ def test_a_stage_that_is_zero_by_construction_is_not_computed_and_is_zero(tiny):
 
 def test_every_disagreement_between_a_heads_stage_and_its_class_is_listed_with_its_reason():
     zeros = lambda: torch.zeros(2, 2)  # noqa: E731
-    patterns = {name: zeros() for name in circuits.CLASS_ATTENTION}
+    patterns = {name: zeros() for name in head_classes.CLASS_ATTENTION}
     patterns["inhibition"][1, 0] = 0.5  # attends END -> S2 ...
     patterns["mover"][1, 1] = 0.6       # a mover by attention
     patterns["induction"][0, 1] = 0.12  # below the threshold: "other"
@@ -215,14 +238,24 @@ def test_every_disagreement_between_a_heads_stage_and_its_class_is_listed_with_i
     dla[1, 0] = 0.9  # ... but writes the answer strongly: a mover
     evidence = (patterns, dla, 2.0)
     heads = [(0, 0), (0, 1), (1, 0), (1, 1)]
-    classes = circuits.assign_classes(patterns, dla, heads, threshold=0.2, negative=0.05 * 2.0)
+    classes = head_classes.assign_classes(patterns, dla, heads, threshold=0.2, negative=0.05 * 2.0)
     circuit = circuits.Circuit(heads={(1, 1): ["movers"], (1, 0): ["inhibition"], (0, 1): ["duplicate"],
                                       (0, 0): ["duplicate"]},
                                tables={s: torch.full((2, 2), -0.5) for s in ("movers", "inhibition", "duplicate")})
-    table = circuits.disagreements(circuit, classes, evidence)
+    table = head_classes.disagreements(circuit, classes, evidence)
     assert table[["head", "stage", "class"]].values.tolist() == [["0.1", "duplicate", "other"],
                                                                 ["1.0", "inhibition", "mover"]]
     other, mover = table.reason.tolist()
     assert "0.12" in other and "S2 → S1+1" in other and "0.2" in other
     assert "+0.90" in mover and "END → S2" in mover and "0.10" in mover
     assert table.effect.tolist() == [-0.5, -0.5]
+
+
+def test_the_ioi_roles_are_found_on_the_model_itself(tiny):
+    """find_roles: the movers are the movers stage's heads with a positive effect, the inhibition heads the circuit
+    heads classed 'inhibition', every circuit head classed."""
+    roles = head_classes.find_roles(tiny, n_prompts=6, seed=0, fraction=0.2, min_effect=0.0)
+    assert roles.movers and set(roles.movers) == {h for h in roles.circuit.stage("movers")
+                                                  if roles.circuit.tables["movers"][h] > 0}
+    assert set(roles.inhibition) == set(head_classes.heads_of_class(roles.classes, "inhibition"))
+    assert set(roles.classes) == set(roles.circuit.heads)

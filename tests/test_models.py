@@ -287,13 +287,14 @@ def test_tiny_models_live_on_the_device_asked_for(monkeypatch):
 def test_cpu_and_cuda_give_the_same_numbers(name):
     """Same prompts, same numbers: evaluation, path patching and DLA agree between the CPU and a CUDA device,
     and every public result comes back on the CPU."""
-    from headcircuits import circuits, metrics, patching
+    from headcircuits import head_classes, scoring
+    from headcircuits import path_patching as patching
     from headcircuits.tasks import ioi
 
     cpu, gpu = load_model(name, device="cpu"), load_model(name, device="cuda")
     assert gpu.device.type == "cuda"
     data = ioi.generate(cpu, 6, seed=0, counterfactual="abc")
-    a, b = metrics.evaluate(cpu, data), metrics.evaluate(gpu, data)
+    a, b = scoring.evaluate(cpu, data), scoring.evaluate(gpu, data)
     assert (a.logit_diff - b.logit_diff).abs().max() < 1e-4
     L = cpu.facts.n_layers
     receivers = patching.Receivers("v", heads=((L - 1, 0),), position="S2")
@@ -301,7 +302,7 @@ def test_cpu_and_cuda_give_the_same_numbers(name):
     tb = patching.path_patch(gpu, data, receivers, progress=False)
     assert tb.device.type == "cpu"
     torch.testing.assert_close(ta, tb, rtol=1e-3, atol=1e-4, equal_nan=True)
-    torch.testing.assert_close(circuits.direct_logit_difference(cpu, data), circuits.direct_logit_difference(gpu, data),
+    torch.testing.assert_close(head_classes.direct_logit_difference(cpu, data), head_classes.direct_logit_difference(gpu, data),
                                rtol=1e-3, atol=1e-4)
 
 
@@ -337,39 +338,3 @@ def test_a_local_model_of_an_unsupported_architecture_is_refused_with_the_suppor
         load_model(str(tmp_path))
     with pytest.raises(UnknownModelError, match="nor a folder with a config.json"):
         load_model(str(tmp_path / "absent"))
-
-
-def test_a_clean_pass_that_stops_early_equals_the_full_one_below_where_it_stops(tiny, monkeypatch):
-    """models.blocks.clean_pass with ``upto``: the residual entering a block and the keys and values of every layer
-    up to ``upto`` are those of the full pass, and no block above ``upto`` runs."""
-    from headcircuits.models import blocks
-
-    ids = tiny.to_tokens(PROMPTS).ids
-    h_full, kv_full = blocks.clean_pass(tiny, ids, 1)
-    ran = []
-    h, kv = blocks.clean_pass(tiny, ids, 1, hooks=[(f"blocks.{l}.hook_resid_pre", lambda x, hook, l=l: ran.append(l))
-                                                   for l in range(tiny.facts.n_layers)], upto=1)
-    assert ran == [0, 1] and len(kv) == 2 and len(kv_full) == tiny.facts.n_layers
-    assert torch.equal(h, h_full)
-    for (k, v), (k_full, v_full) in zip(kv, kv_full):
-        assert torch.equal(k, k_full) and torch.equal(v, v_full)
-    with pytest.raises(ValueError, match="upto"):
-        blocks.clean_pass(tiny, ids, 2, upto=1)
-
-
-def test_copies_along_the_sequence_equal_one_row_per_copy(tiny):
-    """models.blocks.run_copies: each copy of the last token sees the earlier tokens and itself only, so it equals
-    run_blocks on that copy alone (different inputs per copy, so a copy that saw another would differ)."""
-    from headcircuits.models import blocks
-
-    ids = tiny.to_tokens(PROMPTS[:1]).ids
-    T = ids.shape[1] - 1
-    h, prefix = blocks.prefix_pass(tiny, ids, 1, range(1, tiny.facts.n_layers))
-    copies = h + torch.randn(1, 4, h.shape[-1], generator=torch.Generator().manual_seed(0))  # [1, 4, d]
-    together = blocks.run_copies(tiny, copies, range(1, tiny.facts.n_layers), prefix, T)
-    for j in range(4):
-        alone = blocks.run_blocks(tiny, copies[:, j : j + 1], range(1, tiny.facts.n_layers), prefix, T)
-        torch.testing.assert_close(together[:, j : j + 1], alone, rtol=0, atol=1e-5)
-    assert (together[:, 0] - together[:, 1]).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="cache"):
-        blocks.run_copies(tiny, copies, range(1, 2), prefix, T + 1)

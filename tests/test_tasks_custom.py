@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from headcircuits import circuits, metrics, patching
+from headcircuits import circuits, scoring
+from headcircuits import path_patching as patching
 from headcircuits.errors import VocabularyError
 from headcircuits.tasks import custom, ioi
 
@@ -40,8 +41,8 @@ def test_marked_prompts_give_the_generators_tokens_and_positions(tiny):
     assert torch.equal(mine.candidates, data.candidates)
     pd.testing.assert_frame_equal(mine.meta, data.meta)
     # and every experiment takes it: the same evaluation, the same path-patching table
-    assert torch.allclose(torch.tensor(metrics.evaluate(tiny, mine).logit_diff.values),
-                          torch.tensor(metrics.evaluate(tiny, data).logit_diff.values))
+    assert torch.allclose(torch.tensor(scoring.evaluate(tiny, mine).logit_diff.values),
+                          torch.tensor(scoring.evaluate(tiny, data).logit_diff.values))
 
 
 def test_a_custom_task_goes_through_discovery_with_its_own_stages(tiny):

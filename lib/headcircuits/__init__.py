@@ -3,8 +3,16 @@
 * "Circuit Component Reuse Across Tasks in Transformer Language Models" (ICLR 2024), and
 * "Talking Heads: Understanding Inter-layer Communication in Transformer Language Models" (NeurIPS 2024).
 
-Layers (an import only goes downwards): ``models`` and ``tasks`` -> ``metrics`` -> ``patching`` / ``svd`` ->
-``circuits`` / ``interventions`` -> ``plots`` / ``book`` / ``cli``.
+Modules named after what the papers do, over a neutral core (an import only goes downwards):
+
+* core: ``models`` (the zoo; ``models.architecture``: every per-family difference and the hook names), ``tasks``,
+  ``store`` (kept clean passes), ``edits`` (the one edit protocol), ``engine`` (the one way the model runs),
+  ``scoring`` (logit differences, accuracy, attention), ``cache`` (results on disk);
+* Circuit Component Reuse: ``path_patching``, ``circuits`` (discovery, head classes, overlap, the IOI roles),
+  ``repair`` (its section 5);
+* Talking Heads: ``weights`` (SVD of the heads, composition scores), ``channels``, ``inhibition`` (the score and
+  the weight edit), ``traversal`` (the grid, its regions and the oracle fix);
+* the book: ``stats``, ``report``, ``plots``, ``exercises``, ``book``, ``cli``, ``standalone``, ``progress``.
 """
 
 import warnings

@@ -17,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -34,7 +36,10 @@ T = TypeVar("T")
 
 
 def _update(digest, obj: Any) -> None:
-    if isinstance(obj, torch.Tensor):
+    if hasattr(obj, "__fingerprint__"):  # an object that says what identifies it (e.g. a path-patching Baseline)
+        digest.update(type(obj).__name__.encode())
+        _update(digest, obj.__fingerprint__())
+    elif isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         digest.update(f"tensor{tuple(t.shape)}{t.dtype}".encode())
         digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
@@ -64,7 +69,8 @@ def _update(digest, obj: Any) -> None:
     elif obj is None or isinstance(obj, (str, int, float, bool)):
         digest.update(json.dumps(obj).encode())
     else:
-        raise TypeError(f"cannot fingerprint a {type(obj).__name__}; pass tensors, models, task data or plain values")
+        raise TypeError(f"cannot fingerprint a {type(obj).__name__}; pass tensors, models, task data, dataclasses or "
+                        "plain values")
 
 
 def library_hash() -> str:
@@ -83,7 +89,14 @@ def _library_hash(package: Path) -> str:
 
 
 def fingerprint(key: Any) -> str:
-    """A sha256 of everything in ``key`` (tensors by their values) and of the library's source."""
+    """A sha256 of everything in ``key`` (tensors by their values) and of the library's source.
+
+    Args:
+        key: tensors, models, task data, dataclasses and plain values, nested.
+
+    Returns:
+        A hex digest.
+    """
     digest = hashlib.sha256(f"headcircuits {library_hash()}".encode())
     _update(digest, key)
     return digest.hexdigest()
@@ -97,15 +110,43 @@ def results_root() -> Path:
 
 def cached(name: str, key: Any, compute: Callable[[], T], *, root: Path | None = None) -> T:
     """``compute()``'s result, from disk when the same ``key`` was computed before by the same library source;
-    ``root``: the results root (default :func:`results_root`)."""
+    ``root``: the results root (default :func:`results_root`).
+
+    Args:
+        name: the results folder.
+        key: what determines the result (see :func:`fingerprint`).
+        compute: makes the result.
+        root: the results root (default :func:`results_root`).
+
+    Returns:
+        The result.
+    """
+    if os.environ.get("HEADCIRCUITS_NO_CACHE", "") not in ("", "0"):
+        return compute()
+    return _cached_at(name, fingerprint(key), compute, root)
+
+
+def _fingerprints(value: Any) -> bool:
+    try:
+        _update(hashlib.sha256(), value)
+        return True
+    except TypeError:
+        return False
+
+
+def _cached_at(name: str, digest: str, compute: Callable[[], T], root: Path | None = None) -> T:
+    """``compute()``'s result kept in ``<root>/<name>/<digest>.pt`` (see :func:`cached`)."""
     if os.environ.get("HEADCIRCUITS_NO_CACHE", "") not in ("", "0"):
         return compute()
     folder = (root or results_root()) / name
-    path = folder / f"{fingerprint(key)}.pt"
+    path = folder / f"{digest}.pt"
     if path.is_file():
         try:
             return torch.load(path, weights_only=False)
-        except Exception:  # unreadable (half-written by an old version, disk trouble): recompute below
+        except Exception as exc:  # unreadable (half-written by an old version, disk trouble): recompute below
+            warnings.warn(f"the cached result {path} cannot be read ({type(exc).__name__}: {exc}); it is deleted and "
+                          "computed again. If this repeats, check the disk, or set HEADCIRCUITS_RESULTS to another "
+                          "folder", stacklevel=2)
             path.unlink(missing_ok=True)
     value = compute()
     folder.mkdir(parents=True, exist_ok=True)
@@ -114,3 +155,43 @@ def cached(name: str, key: Any, compute: Callable[[], T], *, root: Path | None =
     torch.save(value, tmp)
     os.replace(tmp, path)
     return value
+
+
+def on_disk(name: str, *, enabled_by: str | None = None, ignore: tuple[str, ...] = ()):
+    """A decorator: the function's result is kept by :func:`cached` under ``name``, keyed by **every argument it
+    is called with** (bound to its signature, defaults applied), so that no parameter can be missing from the key.
+
+    Args:
+        name: the results folder.
+        enabled_by: a boolean parameter of the function that switches the cache on (e.g. ``cache``); it is left
+            out of the key. ``None``: always cached.
+        ignore: parameters that cannot change the result (e.g. ``progress``), left out of the key.
+
+    Every other argument must be something :func:`fingerprint` can key (tensors, models, task data, dataclasses,
+    plain values); anything else (e.g. a function) is refused with the parameter's name.
+    """
+    def decorate(function: Callable[..., T]) -> Callable[..., T]:
+        signature = inspect.signature(function)
+        for parameter in (*ignore, *([enabled_by] if enabled_by else [])):
+            if parameter not in signature.parameters:
+                raise TypeError(f"{function.__qualname__} has no parameter {parameter!r} to leave out of its key")
+
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            if enabled_by is not None and not bound.arguments[enabled_by]:
+                return function(*args, **kwargs)
+            key = {k: v for k, v in bound.arguments.items() if k not in ignore and k != enabled_by}
+            try:
+                digest = fingerprint(key)
+            except TypeError as exc:
+                parameter = next(k for k, v in key.items() if not _fingerprints(v))
+                raise TypeError(f"{function.__qualname__}: cannot key a cached result by {parameter}="
+                                f"{type(key[parameter]).__name__} ({exc})"
+                                + (f"; call it with {enabled_by}=False" if enabled_by else "")) from None
+            return _cached_at(name, digest, lambda: function(*args, **kwargs))
+
+        return wrapper
+
+    return decorate

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from headcircuits import circuits, interventions, metrics, patching, svd
+from headcircuits import circuits, path_patching, repair, scoring, weights
 from headcircuits.models import load_model
 from headcircuits.models.core import Model
 from headcircuits.tasks import ioi
@@ -97,7 +97,7 @@ def check_normalised_effect(fn: Callable, *, verbose: bool = True) -> Check:
     corrupt = -1.0 + 0.5 * torch.rand(12, generator=gen, dtype=torch.float64)
     patched = clean + (corrupt - clean) * torch.rand(5, 12, generator=gen, dtype=torch.float64) \
         + 0.3 * torch.randn(5, 12, generator=gen, dtype=torch.float64)
-    want = patching.normalised_effect(patched, clean, corrupt)
+    want = path_patching.normalised_effect(patched, clean, corrupt)
     got, why = _call(fn, patched.clone(), clean.clone(), corrupt.clone())
     if why:
         return _report(Check(False, why), verbose)
@@ -110,7 +110,7 @@ def check_normalised_effect(fn: Callable, *, verbose: bool = True) -> Check:
         # and with leading dimensions of another rank
         patched3 = patched.reshape(5, 1, 12).expand(5, 2, 12)
         got3, why = _call(fn, patched3.clone(), clean.clone(), corrupt.clone())
-        if why or not _close(got3, patching.normalised_effect(patched3, clean, corrupt)):
+        if why or not _close(got3, path_patching.normalised_effect(patched3, clean, corrupt)):
             return _report(Check(False, "right for [senders, prompts] but not for [layer, head, prompts]: reduce over "
                                         "the last dimension only (ld_patched.mean(-1))"), verbose)
         return _report(Check(True, "the normalised effect matches the library's on random logit differences, "
@@ -139,14 +139,14 @@ def check_logit_difference(fn: Callable, *, verbose: bool = True) -> Check:
         model = _tiny(name)
         data = ioi.generate(model, 6, seed=1)
         logits = model.logits(data.clean)
-        want = metrics.logit_difference(metrics.logits_at(logits, data.at("END")), data.answer, data.distractor)
+        want = scoring.logit_difference(scoring.end_logits(model, data), data.answer, data.distractor)
         got, why = _call(fn, model, data)
         if why:
             return _report(Check(False, f"on {name}: {why}"), verbose)
         want = want.double().cpu()
         if _close(got, want):
             continue
-        at_last = metrics.logit_difference(logits[:, -1], data.answer, data.distractor).double().cpu()
+        at_last = scoring.logit_difference(logits[:, -1].cpu(), data.answer, data.distractor).double()
         if _close(got, at_last):
             return _report(Check(False, "you read the logits at index -1: the batch is right-padded, so for every "
                                         "prompt shorter than the longest that is a pad token; read each prompt at "
@@ -170,7 +170,8 @@ def check_inhibition_score(fn: Callable, *, verbose: bool = True) -> Check:
     pattern = torch.rand(len(data), width, width, generator=gen).tril()
     pattern = pattern / pattern.sum(-1, keepdim=True)
     end, io, s1, s2 = (data.at(k) for k in ("END", "IO", "S1", "S2"))
-    a = interventions.attention_at(pattern, end, [io, s1, s2]).double()
+    rows = torch.arange(len(data))
+    a = torch.stack([pattern[rows, end, k] for k in (io, s1, s2)], -1).double()
     want = a[:, 0] - a[:, 1]
     got, why = _call(fn, pattern.clone(), data)
     if why:
@@ -197,8 +198,8 @@ def check_composition_score(fn: Callable, *, verbose: bool = True) -> Check:
     row-vector convention (x @ ov): ‖ov @ reader‖_F / (‖ov‖_F ‖reader‖_F). Checked against every pair of a tiny
     model's heads."""
     for name in ("tiny-gpt2", "tiny-llama"):
-        w = svd.from_model(_tiny(name))
-        scores = svd.composition_scores(w, "Q")
+        w = weights.from_model(_tiny(name))
+        scores = weights.composition_scores(w, "Q")
         pairs = [(0, 1, 1, 2), (0, 3, 2, 0), (1, 2, 2, 3)]
         for ls, hs, lr, hr in pairs:
             ov = (w.W_V[ls, hs] @ w.W_O[ls, hs]).double()
@@ -240,7 +241,7 @@ def check_forced_pattern(fn: Callable, *, verbose: bool = True) -> Check:
     row = row / row.sum(-1, keepdim=True)
     keys = torch.stack([torch.randperm(10, generator=gen)[:2] for _ in range(6)])
     for strength in (1.0, 0.5, 0.0):
-        want = interventions.forced_row(row, keys, strength)
+        want = repair.forced_row(row, keys, strength)
         got, why = _call(fn, row.clone(), keys.clone(), strength)
         if why:
             return _report(Check(False, why), verbose)
@@ -250,7 +251,7 @@ def check_forced_pattern(fn: Callable, *, verbose: bool = True) -> Check:
             return _report(Check(False, f"at strength {strength} the rows sum to {got.sum(-1)[:3].tolist()}: a forced "
                                         f"pattern is still a distribution; mix the two (1 − s)·row + s·target, do "
                                         f"not add"), verbose)
-        if _close(got, interventions.forced_row(row, keys, 1 - strength)):
+        if _close(got, repair.forced_row(row, keys, 1 - strength)):
             return _report(Check(False, "strength is reversed: 1 means all attention goes to the keys"), verbose)
         return _report(Check(False, f"at strength {strength} your rows differ from the expected ones (first row: "
                                     f"yours {got[0].tolist()}, expected {want[0].tolist()})"), verbose)
@@ -310,10 +311,10 @@ def check_edit_ov(fn: Callable, *, verbose: bool = True) -> Check:
     paper's form: singular values set to 0, then W_V' = U sqrt(S'), W_O' = sqrt(S') Vᵀ. Checked on heads of two
     tiny models: the edited OV, and the factors' form (W_V'ᵀ W_V' = S', diagonal)."""
     for name in ("tiny-gpt2", "tiny-llama"):
-        w = svd.from_model(_tiny(name))
+        w = weights.from_model(_tiny(name))
         for layer, head, zero in ((0, 1, [0]), (1, 2, [2]), (2, 0, [0, 3])):
             W_V, W_O = w.W_V[layer, head].double(), w.W_O[layer, head].double()
-            V_want, O_want = svd.edit_ov(W_V, W_O, zero)
+            V_want, O_want = weights.edit_ov(W_V, W_O, zero)
             try:
                 out = fn(W_V.clone(), W_O.clone(), list(zero))
             except NotImplementedError:

@@ -1,17 +1,16 @@
-"""Metrics read at each prompt's own END."""
+"""Scores read at each prompt's own END, and attention statistics."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from headcircuits import metrics
+from headcircuits import engine, scoring
 from headcircuits.tasks import ioi
 
 
 def test_logit_difference_matches_a_direct_computation(tiny):
     data = ioi.generate(tiny, 12, seed=0)
-    table = metrics.evaluate(tiny, data, batch_size=5)  # batches of 5: padding differs between batches
+    table = scoring.evaluate(tiny, data)  # prompts of several lengths: length groups
     for row in range(len(data)):
         ids = data.clean.ids[row, : int(data.clean.lengths[row])]
         logits = tiny.logits(ids[None])[0, -1]
@@ -23,13 +22,13 @@ def test_logit_difference_is_invariant_to_a_constant_shift():
     logits = torch.randn(4, 10)
     answer, distractor = torch.tensor([1, 2, 3, 4]), torch.tensor([0, 0, 5, 9])
     torch.testing.assert_close(
-        metrics.logit_difference(logits, answer, distractor), metrics.logit_difference(logits + 7.0, answer, distractor)
+        scoring.logit_difference(logits, answer, distractor), scoring.logit_difference(logits + 7.0, answer, distractor)
     )
 
 
 def test_attention_between_is_a_probability_and_matches_the_cache(tiny):
     data = ioi.generate(tiny, 6, seed=0)
-    scores = metrics.attention_between(tiny, data, "END", "IO", batch_size=4)
+    scores = scoring.attention_between(tiny, data, "END", "IO")
     assert scores.shape == (tiny.facts.n_layers, tiny.facts.n_heads)
     assert (scores >= 0).all() and (scores <= 1).all()
     ids = data.clean.ids[0:1, : int(data.clean.lengths[0])]
@@ -38,7 +37,7 @@ def test_attention_between_is_a_probability_and_matches_the_cache(tiny):
     one = cache["blocks.1.attn.hook_pattern"][0, :, end, io]
     # the mean over 6 prompts includes this prompt's value with weight 1/6
     assert scores.shape[1] == one.shape[0]
-    single = metrics.attention_between(tiny, type(data)(**{**data.__dict__, **_first(data)}), "END", "IO")
+    single = scoring.attention_between(tiny, type(data)(**{**data.__dict__, **_first(data)}), "END", "IO")
     torch.testing.assert_close(single[1], one, rtol=1e-5, atol=1e-6)
 
 
@@ -57,7 +56,7 @@ def test_evaluate_candidate_accuracy_and_margin_match_a_direct_computation(tiny)
     from headcircuits.tasks import laundry_list as ll
 
     data = ll.generate(tiny, 3, seed=0, lengths=[2, 4])
-    table = metrics.evaluate(tiny, data, batch_size=4)
+    table = scoring.evaluate(tiny, data)
     for i in range(len(data)):
         ids = data.clean.ids[i, : int(data.clean.lengths[i])]
         logits = tiny.logits(ids[None])[0, -1]
@@ -72,43 +71,43 @@ def test_evaluate_candidate_accuracy_and_margin_match_a_direct_computation(tiny)
 def test_breakdown_counts_every_prompt_once(tiny):
     from headcircuits.tasks import laundry_list as ll
 
-    table = metrics.evaluate(tiny, ll.generate(tiny, 4, seed=0, lengths=[2, 3, 5]))
-    parts = metrics.breakdown(table, ["list_length", "target_position"])
+    table = scoring.evaluate(tiny, ll.generate(tiny, 4, seed=0, lengths=[2, 3, 5]))
+    parts = scoring.breakdown(table, ["list_length", "target_position"])
     assert parts.n.sum() == len(table)
-    overall = metrics.summarise(table)
+    overall = scoring.summarise(table)
     weighted = (parts.candidate_accuracy * parts.n).sum() / parts.n.sum()
     assert abs(weighted - overall["candidate_accuracy"]) < 1e-9
 
 
 def test_summary_counts_prompts_as_an_integer(tiny):
-    summary = metrics.summarise(metrics.evaluate(tiny, ioi.generate(tiny, 7, seed=0)))
+    summary = scoring.summarise(scoring.evaluate(tiny, ioi.generate(tiny, 7, seed=0)))
     assert summary["n"] == 7 and isinstance(summary["n"], int)
 
 
 def test_end_logits_skip_the_unembedding_of_other_positions_but_equal_the_full_logits(tiny, monkeypatch):
     data = ioi.generate(tiny, 5, seed=2)
     full = tiny.logits(data.clean)[torch.arange(5), data.positions["END"]]
-    torch.testing.assert_close(metrics.end_logits(tiny, data, batch_size=2), full, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(metrics, "UNEMBED_ROWS", 2)  # the unembedding in chunks that cut across the batches
-    torch.testing.assert_close(metrics.end_logits(tiny, data, batch_size=3), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scoring.end_logits(tiny, data), full, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(engine, "UNEMBED_ROWS", 2)  # the unembedding in chunks that cut across the length groups
+    torch.testing.assert_close(scoring.end_logits(tiny, data), full, rtol=1e-5, atol=1e-5)
     columns = torch.stack([data.answer, data.distractor], 1)
-    normed = metrics.final_normed(tiny, data.clean.ids, positions=data.positions["END"])
-    torch.testing.assert_close(metrics.unembed(tiny, normed, columns), full.gather(1, columns), rtol=1e-5, atol=1e-5)
+    picked = engine.run(tiny, data, logits=columns)[0].logits
+    torch.testing.assert_close(picked, full.gather(1, columns), rtol=1e-5, atol=1e-5)
 
 
-def test_recorded_activations_equal_the_cache_and_the_run_stops_after_the_last(tiny):
-    """metrics.recorded: the named activations of the full cached run, and nothing after the last of them runs
-    (no unembedding); an unknown name is an error that names it."""
-    ids = tiny.to_tokens(["When Mary and John went to the store, John gave a drink to"]).ids
-    names = ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_z", "ln_final.hook_out"]
-    _, cache = tiny.bridge.run_with_cache(ids, names_filter=lambda n: n in names)
-    later = []
-    got = metrics.recorded(tiny, ids, names[:2], hooks=[("unembed.hook_in", lambda x, hook: later.append(1)),
-                                                         ("blocks.2.hook_resid_pre", lambda x, hook: later.append(2))])
-    assert later == [] and set(got) == set(names[:2])
-    for n in names[:2]:
-        torch.testing.assert_close(got[n], cache[n], rtol=0, atol=0)
-    torch.testing.assert_close(metrics.recorded(tiny, ids, names)["ln_final.hook_out"], cache["ln_final.hook_out"],
-                               rtol=0, atol=0)
-    with pytest.raises(KeyError, match="blocks.9.attn.hook_pattern"):
-        metrics.recorded(tiny, ids, ["blocks.9.attn.hook_pattern"])
+def test_attention_per_prompt_and_under_edits_equals_the_plain_pass(tiny):
+    from headcircuits.edits import ResidualAddition
+    from headcircuits.engine import Read
+    from reference import head_attention_full_pass, plain_run
+
+    data = ioi.generate(tiny, 6, seed=3)
+    push = ResidualAddition(0, "S2", torch.randn(tiny.facts.d_model, generator=torch.Generator().manual_seed(0)) * 3)  # LayerNorm removes a constant
+    read = Read("pattern", 1, at="END", head=2, keys=("IO", "S1"))
+    for edits in ([], [push]):
+        got = scoring.attention(tiny, data, (1, 2), "END", ["IO", "S1"], edits)
+        _, want = plain_run(tiny, data, edits, [read])
+        torch.testing.assert_close(got, torch.cat(want[read]), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(scoring.attention(tiny, data, (1, 2), "END", ["IO"]),
+                              scoring.attention(tiny, data, (1, 2), "END", ["IO"], [push]))
+    plain = head_attention_full_pass(tiny, data, (1, 2), "END", ["IO", "S1"])
+    torch.testing.assert_close(scoring.attention(tiny, data, (1, 2), "END", ["IO", "S1"]), plain, rtol=1e-4, atol=1e-5)

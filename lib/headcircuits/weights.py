@@ -26,6 +26,7 @@ RMSNorm models (SmolLM2, Gemma) get the scale folded only. What stays approximat
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.FactoredMatrix import FactoredMatrix
 
+from headcircuits.models import architecture
 from headcircuits.models.core import Model
 
 Kind = Literal["Q", "K", "V"]
@@ -88,24 +90,18 @@ def process(
     return W_Q, W_K, W_V, W_O
 
 
-def _norm_scales(model: Model) -> Tensor:
-    """The pre-attention norm's scale of every layer, as the model applies it (Gemma scales by 1 + w)."""
-    hf = model.bridge.original_model
-    family = model.facts.family
-    if family == "gpt2":
-        weights = [block.ln_1.weight for block in hf.transformer.h]
-    elif family == "gpt-neox":
-        weights = [layer.input_layernorm.weight for layer in hf.gpt_neox.layers]
-    else:
-        weights = [layer.input_layernorm.weight for layer in hf.model.layers]
-    scale = torch.stack([w.detach().float().cpu() for w in weights])
-    return 1.0 + scale if family == "gemma3" else scale
-
-
 def from_model(model: Model, *, fold_norm: bool = True, center: bool | None = None) -> HeadWeights:
     """The head weights of a zoo model, processed as TransformerLens would (see the module docstring).
 
     ``center`` defaults to True for LayerNorm models and False for RMSNorm models (whose norm keeps the mean).
+
+    Args:
+        model: a zoo model.
+        fold_norm: fold the pre-attention norm's scale into the reading weights.
+        center: centre as LayerNorm does (default: LayerNorm models only).
+
+    Returns:
+        The :class:`HeadWeights`, on the CPU.
     """
     b = model.bridge
     group = model.facts.kv_group_size
@@ -116,7 +112,7 @@ def from_model(model: Model, *, fold_norm: bool = True, center: bool | None = No
         W_K, W_V = W_K.repeat_interleave(group, dim=1), W_V.repeat_interleave(group, dim=1)
     if center is None:
         center = model.facts.norm == "layernorm"
-    scale = _norm_scales(model) if fold_norm else None
+    scale = architecture.input_norm_scales(model) if fold_norm else None
     parts = process(W_Q, W_K, W_V, W_O, scale, center=center)
     notes = f"{model.name}; norm scale {'folded' if fold_norm else 'not folded'}; {'centred' if center else 'not centred'}"
     return HeadWeights(*parts, description=notes)
@@ -126,23 +122,32 @@ def value_offsets(model: Model) -> Float[Tensor, "layer head d_head"]:
     """The constant part of every head's value vectors: ``b_V + b_ln W_V`` (the value bias and the pre-attention
     LayerNorm's bias read through W_V). Attention weights sum to one, so this part reaches the head's output
     whatever it attends to; TransformerLens' processed models (the Talking Heads paper's) fold it into ``b_O``,
-    which is why an edit of a head's OV circuit leaves it alone. Zero on the bias-free RMSNorm models."""
+    which is why an edit of a head's OV circuit leaves it alone. Zero on the bias-free RMSNorm models.
+
+    Args:
+        model: the model.
+
+    Returns:
+        ``[layer, head, d_head]`` on the CPU.
+    """
     facts = model.facts
     out = torch.zeros(facts.n_layers, facts.n_heads, facts.d_head)
     if facts.norm != "layernorm":
         return out
-    b, hf = model.bridge, model.bridge.original_model
     with torch.no_grad():
-        W_V = b.W_V.detach().float().cpu()
-        try:
-            out += b.b_V.detach().float().cpu()
-        except AttributeError:  # a checkpoint without value biases
-            pass
-        blocks = hf.transformer.h if facts.family == "gpt2" else hf.gpt_neox.layers
-        norms = [blk.ln_1 if facts.family == "gpt2" else blk.input_layernorm for blk in blocks]
-        for layer, norm in enumerate(norms):
-            if getattr(norm, "bias", None) is not None:
-                out[layer] += torch.einsum("d,hde->he", norm.bias.detach().float().cpu(), W_V[layer])
+        W_V = model.bridge.W_V.detach().float().cpu()
+        biases = architecture.value_biases(model)
+        if biases is None:
+            warnings.warn(f"{model.name}: a LayerNorm model without value biases (b_V): its heads' constant part is "
+                          "taken as the norm's bias through W_V alone. If the checkpoint has value biases, load it "
+                          "so that the bridge exposes b_V (e.g. from its Hugging Face folder with load_model)",
+                          stacklevel=2)
+        else:
+            out += biases.float().cpu().repeat_interleave(facts.kv_group_size, dim=1)
+        for layer, bias in enumerate(architecture.input_norm_biases(model)):
+            if bias is not None:
+                out[layer] += torch.einsum("d,hde->he", bias.detach().float().cpu(),
+                                           W_V[layer].repeat_interleave(facts.kv_group_size, dim=0))
     return out
 
 
@@ -206,7 +211,14 @@ def fix_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
 
 def head_svd(circuit: FactoredMatrix) -> HeadSVD:
     """SVD of a factored [layer, head] circuit (via its small core; never dense), signs fixed by
-    :func:`fix_signs`."""
+    :func:`fix_signs`.
+
+    Args:
+        circuit: a head's OV (or QK) as a ``FactoredMatrix``, with any leading dimensions.
+
+    Returns:
+        Its :class:`HeadSVD` (U, S, Vh), the signs fixed (:func:`fix_signs`).
+    """
     U, S, V = circuit.svd()
     U, Vh = fix_signs(U, V.transpose(-1, -2))
     return HeadSVD(U=U, S=S, Vh=Vh)
@@ -249,6 +261,13 @@ def composition_scores(w: HeadWeights, kind: Kind) -> Float[Tensor, "layer_s hea
     (Q: W_Q W_K^T, K: W_K W_Q^T, V: W_V W_O), ||OV_s C_r D_r^T||_F = ||R(A_s) (B_s C_r) R(D_r)^T||_F, where R(.)
     is the d_head x d_head triangular factor of a QR decomposition. Folding the roots into the factors leaves one
     matrix product per receiver layer (all senders below it x all its heads) and a blockwise Frobenius norm.
+
+    Args:
+        weights: the heads' :class:`HeadWeights`.
+        kind: ``Q``, ``K`` or ``V`` composition.
+
+    Returns:
+        ``[layer, head, layer, head]``: sender by receiver (NaN unless the sender is below).
     """
     L, H, _, dh = w.W_Q.shape
     if kind == "Q":
@@ -304,6 +323,15 @@ def component_scores(
 
     (the composition score of the k-th component alone; it does not depend on ``s_k``). Components are in
     order of decreasing singular value; ``top`` keeps the first ones.
+
+    Args:
+        weights: the heads' :class:`HeadWeights`.
+        sender: the sender ``(layer, head)``.
+        receiver: the receiver, above it.
+        kind: ``Q``, ``K`` or ``V``.
+
+    Returns:
+        ``[d_head]``: each rank-1 component of the sender's OV, scored against the receiver's circuit.
     """
     (ls, hs), (lr, hr) = sender, receiver
     if ls >= lr:
@@ -323,7 +351,18 @@ def component_to_component(
     """The composition score of each rank-1 OV component of ``sender`` with one rank-1 component of ``receiver``
     (Talking Heads: "3.0.1 and 3.0.2 value-compose with 7.9.6"). For rank-1 matrices ``s u v^T`` the score
     ||W1 W2||_F / (||W1||_F ||W2||_F) is ``|v_1 . u_2|``: how well the sender's written direction lines up with
-    the direction the receiver's component reads (``kind``: through its values (V), queries (Q) or keys (K))."""
+    the direction the receiver's component reads (``kind``: through its values (V), queries (Q) or keys (K)).
+
+    Args:
+        w: the heads' :class:`HeadWeights`.
+        sender: the sender.
+        receiver: the receiver.
+        receiver_component: one component of the receiver's circuit.
+        kind: ``Q``, ``K`` or ``V``.
+
+    Returns:
+        ``[d_head]``: each component of the sender against that one component.
+    """
     (ls, _), (lr, hr) = sender, receiver
     if ls >= lr:
         raise ValueError(f"the sender's layer ({ls}) must be below the receiver's ({lr})")
@@ -335,6 +374,14 @@ def component_to_component(
 
 def standout(scores: Float[Tensor, " component"], index: int) -> float:
     """How far ``scores[index]`` stands above the other components: (score - their mean) / their standard
-    deviation (Talking Heads: 8.6.2 is "about 5 standard deviations" above 8.6's other 63 components)."""
+    deviation (Talking Heads: 8.6.2 is "about 5 standard deviations" above 8.6's other 63 components).
+
+    Args:
+        scores: a vector of scores.
+        index: the component judged.
+
+    Returns:
+        How many standard deviations of the other scores ``scores[index]`` lies above their mean.
+    """
     others = torch.cat([scores[:index], scores[index + 1:]])
     return float((scores[index] - others.mean()) / others.std())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import SHARED
-from headcircuits import svd
+from headcircuits import weights as svd
 
 GPT2_WEIGHTS = SHARED / "gpt2-small-attention"
 
@@ -213,27 +213,37 @@ def test_the_papers_weight_edit_removes_exactly_the_zeroed_components():
 
 
 def test_value_offsets_are_the_constant_part_of_the_values(tiny):
-    """On a LayerNorm model with biases the constant part of z is b_V + b_ln W_V: z of a head that attends to one
-    position minus that position's normalised input read through W_V (bias-free RMSNorm models: zero)."""
-    offsets = svd.value_offsets(tiny)
-    assert offsets.shape == (tiny.facts.n_layers, tiny.facts.n_heads, tiny.facts.d_head)
+    """The constant part of z is b_V + b_ln W_V: what each head's value vectors are when its block's input is zero
+    (LayerNorm maps a zero vector to its bias exactly), read off the running model (bias-free RMSNorm models:
+    zero). The norm's bias is randomised on a model of our own (the session's ``tiny`` is read-only)."""
+    from headcircuits.models import architecture, load_model
+
     if tiny.facts.norm != "layernorm":
-        assert torch.count_nonzero(offsets) == 0
+        assert torch.count_nonzero(svd.value_offsets(tiny)) == 0
         return
-    hf = tiny.bridge.original_model
-    blocks = hf.transformer.h if tiny.facts.family == "gpt2" else hf.gpt_neox.layers
-    norm = blocks[1].ln_1 if tiny.facts.family == "gpt2" else blocks[1].input_layernorm
-    saved = norm.bias.detach().clone()
-    try:
-        with torch.no_grad():
-            norm.bias.copy_(torch.randn_like(norm.bias))
-        b_V = tiny.bridge.b_V[1].detach().float().cpu()
-        expected = b_V + torch.einsum("d,hde->he", norm.bias.detach().float().cpu(), tiny.bridge.W_V[1].detach().float().cpu())
-        assert torch.allclose(svd.value_offsets(tiny)[1], expected, atol=1e-6)
-        assert expected.abs().max() > 0.1
-    finally:
-        with torch.no_grad():
-            norm.bias.copy_(saved)
+    model = load_model(tiny.name, seed=5)
+    bias = architecture.input_norm_biases(model)[1]
+    with torch.no_grad():
+        bias.copy_(torch.randn_like(bias))
+    seen = {}
+
+    def zero(x, hook):
+        return torch.zeros_like(x)
+
+    def record(v, hook):
+        seen["v"] = v.detach().clone()
+        return v
+
+    data_ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        model.bridge.run_with_hooks(data_ids, fwd_hooks=[(architecture.hook("resid_pre", 1), zero),
+                                                          (architecture.hook("v", 1), record)])
+    values = seen["v"][0].float().repeat_interleave(model.facts.kv_group_size, dim=1)  # [pos, head, d_head]
+    offsets = svd.value_offsets(model)
+    assert offsets.shape == (model.facts.n_layers, model.facts.n_heads, model.facts.d_head)
+    for position in range(values.shape[0]):
+        torch.testing.assert_close(offsets[1], values[position], rtol=1e-5, atol=1e-5)
+    assert offsets[1].abs().max() > 0.1  # the randomised bias reaches the values
 
 
 def test_gpt2_the_papers_channel_components_are_where_the_paper_says(gpt2):

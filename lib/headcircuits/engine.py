@@ -1,0 +1,389 @@
+"""The one engine that runs the model: :func:`run`, for every experiment of the book.
+
+Every experiment runs the model over a TaskData under a few *conditions* (lists of :mod:`edits <headcircuits.edits>`,
+an empty list being the clean run), reads some activations (:class:`Read`) and perhaps the logits at END.
+:func:`run` does that in the cheapest exact way, which it chooses itself:
+
+* **Below the lowest edited (or read) block nothing differs from the clean run.** The engine starts there, from
+  a clean pass over the prompts that it keeps in memory (:data:`headcircuits.store.STORE`) for the next run on
+  the same prompts: five weight edits of one head run the blocks from that head's layer up, each once.
+* **END alone** when every edit changes END alone and every read is at END (END being each prompt's last token):
+  the earlier tokens are the clean run at every block, so their keys and values come from the kept clean pass,
+  and only END is recomputed, from the lowest edited block up, once per condition. The conditions of a run are
+  laid side by side as copies of END that attend to the prompt's earlier tokens and to themselves, never to each
+  other (a block-diagonal mask): the repair's nine conditions, or a thousand points of Talking Heads' traversal,
+  share each prompt's cache. Edits and reads see each copy as its own one-column view (the edit protocol), so
+  they are written once for both modes.
+* Otherwise **every position**, from the lowest edited block up, once per condition.
+
+Written once, inside the engine: prompts are grouped by length (no padding: a group runs as one batch of equal
+prompts), masks and position ids, the kept clean pass, reading then stopping after the highest block read
+(nothing above it runs: on Gemma-3 the 262k-column unembedding costs more than the blocks), the unembedding at
+END only, in chunks of rows (:data:`UNEMBED_ROWS`), of the whole vocabulary or of listed columns only, and every
+result returned in the data's order, on the CPU.
+
+Exactness: every mode is tested equal to the plain hooked forward pass (``model.bridge.run_with_hooks``) with the
+same edits on every tiny family, with prompts of mixed lengths (``tests/test_engine.py``); the differences are
+float rounding of other batch shapes (below 1e-5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from headcircuits.edits import Edit
+from headcircuits.models import architecture
+from headcircuits.models.core import Model
+from headcircuits.passes import Prefix, Stop, Which, kept_passes, length_groups  # noqa: F401
+from headcircuits.tasks.base import TaskData
+
+#: rows per product of the unembedding: a large vocabulary's product is bound by reading W_U (one row costs about
+#: as much as 13 with Gemma-3's 262,144 columns on 2 CPU cores) until some 256 rows share a read
+UNEMBED_ROWS = 256
+
+@dataclass(frozen=True)
+class Read:
+    """An activation to read: the hook point (``kind`` of :data:`headcircuits.models.architecture.HOOKS`, at
+    ``layer``), at each prompt's position ``at`` (``None``: every position), of one ``head`` (``None``: every head,
+    for the kinds with a head axis); for attention patterns, only the ``keys`` positions (empty: every key).
+
+    Shapes returned by :func:`run` (rows in data order; ``T``: the longest prompt, shorter ones zero-padded):
+    ``[batch, ...]`` at a position, ``[batch, T, ...]`` at every position; patterns ``[batch, heads, keys]`` at a
+    query position (``[batch, heads, T, T]`` at every one); ``head`` drops the head axis.
+    """
+
+    kind: str
+    layer: int | None = None
+    at: str | None = None
+    head: int | None = None
+    keys: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        architecture.hook(self.kind, self.layer)  # an unknown kind or a missing layer is refused here
+        if self.keys and self.kind != "pattern":
+            raise ValueError(f"keys select attention patterns' key positions; a {self.kind!r} read has none")
+        if self.head is not None and self.kind not in ("q", "k", "v", "z", "pattern"):
+            raise ValueError(f"a {self.kind!r} activation has no head axis to take head {self.head} from")
+
+    @property
+    def name(self) -> str:
+        return architecture.hook(self.kind, self.layer)
+
+
+@dataclass
+class Result:
+    """One condition's reads (by :class:`Read`) and its END logits (``None`` unless asked for), on the CPU."""
+
+    reads: dict[Read, Tensor]
+    logits: Tensor | None = None
+
+    def __getitem__(self, read: Read) -> Tensor:
+        return self.reads[read]
+
+
+def end_is_last(data: TaskData, which: Which = "clean") -> bool:
+    """Whether END is every prompt's last token (what the END-only mode needs: nothing after END to rerun).
+
+    Args:
+        data: the prompts.
+        which: ``clean`` or ``corrupt``.
+
+    Returns:
+        Whether END is every prompt's last token.
+    """
+    return bool((data.at("END", which) == data.tokens(which).lengths - 1).all())
+
+
+# --- views: each condition's part of an activation ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a step lays out its conditions: ``copies`` side by side along the positions (one recomputed token,
+    copy ``j`` at column ``j``, its own key at ``prefix + j``), else one block of ``n`` rows each."""
+
+    copies: bool
+    n: int
+    prefix: int
+
+    def view(self, kind: str, x: Tensor, j: int) -> Tensor:
+        if not self.copies:
+            return x[j * self.n:(j + 1) * self.n]
+        if kind != "pattern":
+            return x[:, j:j + 1]
+        row = x[:, :, j:j + 1]  # [n, heads, 1, prefix + copies]
+        return torch.cat([row[..., :self.prefix], row[..., self.prefix + j:self.prefix + j + 1]], dim=-1)
+
+    def put(self, kind: str, x: Tensor, j: int, value: Tensor) -> None:
+        if not self.copies:
+            x[j * self.n:(j + 1) * self.n] = value
+        elif kind != "pattern":
+            x[:, j:j + 1] = value
+        else:
+            x[:, :, j:j + 1, :self.prefix] = value[..., :self.prefix]
+            x[:, :, j:j + 1, self.prefix + j:self.prefix + j + 1] = value[..., self.prefix:]
+
+
+def _kind(name: str) -> str:
+    return "pattern" if name == architecture.hook("pattern", architecture.layer_of(name) or 0) else "other"
+
+
+def _gather(read: Read, x: Tensor, data: TaskData, rows: Tensor, positions: Tensor) -> Tensor:
+    """What ``read`` keeps of one condition's activation ``x`` ([rows, columns, ...]; patterns [rows, heads,
+    columns, keys]) whose columns hold ``positions``, on the CPU."""
+    index = torch.arange(len(rows), device=x.device)
+    if read.at is not None:
+        target = data.at(read.at)[rows.cpu()].to(positions.device)
+        column = (positions == target[:, None]).float().argmax(1)
+        x = x[index, :, column] if read.kind == "pattern" else x[index, column]
+    if read.keys:
+        keys = torch.stack([data.at(k)[rows.cpu()] for k in read.keys], 1).to(x.device)  # [rows, n_keys]
+        shape = (-1, x.shape[1], -1) if read.at is not None else (-1, x.shape[1], x.shape[2], -1)
+        x = x.gather(-1, (keys[:, None] if read.at is not None else keys[:, None, None]).expand(*shape))
+    if read.head is not None:
+        x = x.select(1 if read.kind == "pattern" or read.at is not None else 2, read.head)
+    return _public(x)
+
+
+def _public(x: Tensor) -> Tensor:
+    """A result as it leaves the engine: on the CPU, in float32 (float64 when the model runs in float64)."""
+    x = x.detach()
+    return (x if x.dtype == torch.float64 else x.float()).cpu()
+
+
+def _assemble(parts: list[tuple[Tensor, Tensor]], n: int) -> Tensor:
+    """Rows from ``(index, values)`` parts into one tensor in data order, zero-padded where shapes differ."""
+    shape = [max(p[1].shape[d] for p in parts) for d in range(1, parts[0][1].dim())]
+    out = torch.zeros(n, *shape, dtype=parts[0][1].dtype)
+    for index, values in parts:
+        out[(index, *(slice(0, s) for s in values.shape[1:]))] = values
+    return out
+
+
+def unembed(model: Model, normed: Float[Tensor, "rows d_model"], columns: Int[Tensor, "rows k"] | None = None
+            ) -> Float[Tensor, "rows k"]:
+    """Logits from the final norm's output: all of them, or only ``columns`` per row; the model's final logit
+    soft-capping is applied if it has one (so this equals the model's own logits).
+
+    Args:
+        model: the model.
+        normed: ``[rows, d_model]``, the final norm's output.
+        columns: ``[rows, k]`` token ids, or ``None`` for the whole vocabulary.
+
+    Returns:
+        ``[rows, vocab or k]`` logits.
+    """
+    W_U, b_U = model.bridge.W_U.detach(), model.bridge.b_U.detach()
+    normed = normed.to(W_U.device)
+    if columns is None:
+        logits = torch.cat([rows @ W_U + b_U for rows in normed.split(UNEMBED_ROWS)]) if len(normed) else normed @ W_U
+    else:
+        columns = columns.to(W_U.device)
+        logits = torch.einsum("bd,dbk->bk", normed, W_U[:, columns]) + b_U[columns]
+    cap = getattr(model.bridge.original_model.config, "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+# --- the run -----------------------------------------------------------------------------------------------------
+
+def _window(data: TaskData, which: Which, edits: list[Edit], read: list[Read], logits) -> tuple[Tensor, Tensor]:
+    """Each prompt's recomputed tokens ``lo .. hi``: from the first position any edit or read touches (an edit of
+    every position: 0) to the last one read (END for the logits). Before ``lo`` every token is the clean run's.
+    Without edits, reads anywhere but at END take the whole prompt (one plain pass costs less than a kept pass
+    and a rerun of its end); reads and logits at END alone rerun END over a kept pass."""
+    lengths = data.tokens(which).lengths
+    at = lambda name: torch.zeros_like(lengths) if name is None else data.at(name, which)  # noqa: E731
+    touched = [at(e.position) for e in edits] + [at(r.at) for r in read]
+    if not edits and not all(r.at == "END" for r in read):  # nothing edited: one plain pass is the cheapest
+        touched.append(torch.zeros_like(lengths))
+    needed = [lengths - 1 if r.at is None else data.at(r.at, which) for r in read]
+    if logits is not None:
+        touched.append(data.at("END", which))
+        needed.append(data.at("END", which))
+    lo = torch.stack(touched).min(0).values
+    hi = torch.maximum(torch.stack(needed).max(0).values, lo)
+    # a window from the first token takes the whole prompt: the model's own forward, as the kept passes run it,
+    # so that an unedited read equals theirs exactly (a shorter sequence would round differently)
+    return lo, torch.where(lo == 0, lengths - 1, hi)
+
+
+@torch.no_grad()
+def run(
+    model: Model,
+    data: TaskData,
+    conditions: Sequence[Sequence[Edit]] = ((),),
+    *,
+    read: Sequence[Read] = (),
+    logits: Literal["end"] | Int[Tensor, "batch k"] | None = None,
+    which: Which = "clean",
+    max_tokens: int = 2048,
+) -> list[Result]:
+    """Run the model over ``data`` once per condition (see the module docstring for how).
+
+    Args:
+        model: the model.
+        data: the prompts (the ``which`` ones: clean or counterfactual).
+        conditions: one list of edits per condition (``[]``: the unedited model).
+        read: the activations to return, per condition.
+        logits: ``"end"`` for the whole vocabulary's logits at END; a ``[batch, k]`` tensor of token ids for those
+            columns only (padding -1 gives the first token's, which :func:`headcircuits.scoring.candidate_correct`
+            ignores); ``None`` for none (the pass stops once every read is recorded).
+        which: ``"clean"`` or ``"corrupt"`` prompts.
+        max_tokens: the most recomputed tokens (rows x positions) per step.
+
+    Returns:
+        One :class:`Result` per condition, in order, every tensor in the data's row order on the CPU.
+    """
+    conditions = [list(c) for c in conditions]
+    read = list(read)
+    L = model.facts.n_layers
+    _validate(model, data, which, conditions, read, logits)
+    edits = [e for c in conditions for e in c]
+    final = logits is not None or any(r.layer is None for r in read)  # the final norm (counted as block L)
+    start = min([*(l for e in edits for l in e.layers), *(L if r.layer is None else r.layer for r in read),
+                 *([L] if logits is not None else [])])
+    top = L - 1 if final else max(r.layer for r in read)
+    lo, hi = _window(data, which, edits, read, logits)
+    lengths = data.tokens(which).lengths
+    end_only = bool(((lo == lengths - 1) & (hi == lo)).all())
+    prefix_needed = bool((lo > 0).any())
+    start = min(start, L - 1) if not end_only else start  # below the final norm unless END alone is rerun
+    passes = kept_passes(model, data, which, start, prefix_needed, end_only, max_tokens)
+    reads_of = [[[] for _ in read] for _ in conditions]
+    normed_of: list[list[tuple[Tensor, Tensor]]] = [[] for _ in conditions]
+    stop = not final
+    for p in passes:
+        for a, b in sorted({(int(x), int(y)) for x, y in zip(lo[p.index], hi[p.index])}):
+            mine = ((lo[p.index] == a) & (hi[p.index] == b)).nonzero().flatten()
+            rows = p.index[mine]
+            if end_only:
+                h = p.end[start][mine][:, None]  # [n, 1, d_model]
+            else:
+                h = p.resid[start][mine, a:b + 1]
+            kv = {l: (k[mine, :, :a], v[mine, :, :a]) for l, (k, v) in p.kv.items() if start <= l <= top} if a else {}
+            _steps(model, data, which, conditions, read, rows, h, a, kv, start, top, final, stop, max_tokens,
+                   reads_of, normed_of)
+    n = len(data)
+    results = [Result({r: _assemble(reads_of[c][i], n) for i, r in enumerate(read)}) for c in range(len(conditions))]
+    if logits is not None:
+        _unembed_into(model, results, normed_of, logits, n)
+    return results
+
+
+def _validate(model, data, which, conditions, read, logits) -> None:
+    L = model.facts.n_layers
+    if not conditions:
+        raise ValueError("give at least one condition ([] is the unedited model)")
+    if logits is None and not read:
+        raise ValueError("nothing to compute: ask for reads, or logits='end'")
+    if isinstance(logits, Tensor) and (logits.ndim != 2 or len(logits) != len(data)):
+        raise ValueError(f"logit columns must be [prompts, k] with one row per prompt ({len(data)}), "
+                         f"not {tuple(logits.shape)}")
+    if isinstance(logits, str) and logits != "end":
+        raise ValueError(f"logits must be 'end', a tensor of columns or None, not {logits!r}")
+    for r in read:
+        if r.layer is not None and not 0 <= r.layer < L:
+            raise ValueError(f"{r.name}: {model.name} has layers 0..{L - 1}")
+        for position in ([r.at] if r.at else []) + list(r.keys):
+            data.at(position, which)  # an unknown or absent position is refused before anything runs
+    for e in (e for c in conditions for e in c):
+        if not e.layers or not all(0 <= l < L for l in e.layers):
+            raise ValueError(f"{type(e).__name__} edits layers {e.layers}; {model.name} has layers 0..{L - 1}")
+        if e.position is not None:
+            data.at(e.position, which)
+
+
+def _steps(model, data, which, conditions, read, rows, h, lo, kv, start, top, final, stop, max_tokens, reads_of,
+           normed_of) -> None:
+    """The conditions over one group of prompts with the same recomputed tokens ``lo .. lo + width - 1``
+    (``h``: the clean residual entering block ``start`` there, [n, width, d_model]; ``kv``: the earlier tokens'
+    keys and values), as many conditions per step as ``max_tokens`` allows."""
+    n, width = h.shape[:2]
+    device, dtype = h.device, h.dtype
+    copies = width == 1  # one token: the conditions side by side as copies of it, else as blocks of rows
+    per_step = max(1, max_tokens // (n * width))
+    for first in range(0, len(conditions), per_step):
+        chunk = list(range(first, min(first + per_step, len(conditions))))
+        C = len(chunk)
+        layout = _Layout(copies, n, lo)
+        view_positions = torch.arange(lo, lo + width, device=device).expand(n, width)
+        if copies:
+            x = h.expand(n, C, h.shape[-1])
+            ids = torch.full((n, C), lo, dtype=torch.long, device=device)
+            mask = torch.full((C, lo + C), torch.finfo(dtype).min, dtype=dtype, device=device)
+            mask[:, :lo] = 0
+            mask[:, lo:].fill_diagonal_(0)
+            mask = mask[None, None].expand(n, 1, C, lo + C)
+            cache = Prefix(kv, lo) if lo else None
+        else:
+            x = h.repeat(C, 1, 1)
+            ids = view_positions.repeat(C, 1)
+            mask = torch.full((width, lo + width), torch.finfo(dtype).min, dtype=dtype, device=device).triu(lo + 1)
+            mask = mask[None, None].expand(C * n, 1, width, lo + width)
+            cache = Prefix({l: (k.repeat(C, 1, 1, 1), v.repeat(C, 1, 1, 1)) for l, (k, v) in kv.items()}, lo) \
+                if lo else None
+        by_name: dict[str, list[tuple[int, object]]] = {}
+        for j, c in enumerate(chunk):
+            for e in conditions[c]:
+                for name, fn in e.hooks(data, rows, view_positions):
+                    by_name.setdefault(name, []).append((j, fn))
+        hooks = []
+        for name, fns in by_name.items():
+            def composed(act, hook, fns=fns, kind=_kind(name)):
+                act = act.clone()
+                for j, fn in fns:
+                    layout.put(kind, act, j, fn(layout.view(kind, act, j), hook))
+                return act
+
+            hooks.append((name, composed))
+        done: set[int] = set()
+
+        def record(act, hook, i):
+            for j, c in enumerate(chunk):
+                view = layout.view(read[i].kind, act, j)
+                reads_of[c][i].append((rows, _gather(read[i], view, data, rows, view_positions)))
+            done.add(i)
+            if stop and len(done) == len(read):
+                raise Stop
+            return act
+
+        hooks += [(r.name, lambda act, hook, i=i: record(act, hook, i)) for i, r in enumerate(read)]
+        whole = lo == 0 and start == 0 and not copies  # whole prompts from the embeddings: the model's own forward
+        captured: dict[str, Tensor] = {}
+        if whole and final:
+            hooks.append((architecture.hook("final_out"), lambda act, hook: captured.setdefault("normed", act)))
+        try:
+            with model.bridge.hooks(fwd_hooks=hooks):
+                if whole:  # the same computation as the kept clean passes (so an unedited run equals them exactly)
+                    architecture.base_model(model)(input_ids=data.tokens(which).ids[rows.cpu(), :width].repeat(C, 1)
+                                                   .to(device), use_cache=False)
+                else:
+                    for layer in range(start, top + 1):
+                        x = architecture.run_block(model, layer, x, ids, mask, cache)
+                if final:
+                    normed = captured["normed"] if whole else architecture.final_norm(model, x)
+                    column = data.at("END", which)[rows.cpu()].to(device) - lo  # END's column in the window
+                    for j, c in enumerate(chunk):
+                        normed_of[c].append((rows, layout.view("other", normed, j)[torch.arange(n, device=device),
+                                                                                   column]))
+        except Stop:
+            pass
+
+
+def _unembed_into(model, results, normed_of, logits, n) -> None:
+    """Every condition's END logits, the unembedding taking all their rows together, :data:`UNEMBED_ROWS` at a
+    time (a group of one length is often a few prompts), each chunk written straight to its rows."""
+    width = model.facts.d_vocab if isinstance(logits, str) else logits.shape[1]
+    rows = torch.cat([torch.cat([v for _, v in part]) for part in normed_of])
+    target = torch.cat([c * n + torch.cat([i for i, _ in part]) for c, part in enumerate(normed_of)])
+    out = torch.zeros(len(results) * n, width, dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32)
+    for first in range(0, len(rows), UNEMBED_ROWS):
+        chunk = slice(first, first + UNEMBED_ROWS)
+        picked = None if isinstance(logits, str) else logits[target[chunk] % n].clamp(min=0)
+        out[target[chunk]] = _public(unembed(model, rows[chunk], picked))
+    for result, part in zip(results, out.split(n)):
+        result.logits = part
