@@ -340,7 +340,7 @@ def test_a_figure_cell_shows_no_table_so_its_caption_is_printed_once():
         for cell in nbformat.read(path, as_version=4).cells:
             if cell.cell_type == "code" and cell.metadata.get("mystnb", {}).get("figure"):
                 last = ast.parse(cell.source).body[-1]
-                shown = isinstance(last, ast.Expr) and not ast.unparse(last.value).startswith(("plt.show", "display("))
+                shown = isinstance(last, ast.Expr) and not ast.unparse(last.value).startswith(("plt.show", "plots.show", "display("))
                 assert not shown, f"{path.name}: a captioned cell ends with a displayed value:\n{cell.source[-160:]}"
 
 

@@ -361,3 +361,17 @@ def test_every_figure_of_the_book_goes_through_the_readability_check():
         code = "".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
         assert "plt.show(" not in code, f"{path.name}: show figures with plots.show() (it checks they read on a phone)"
         assert "plots.show()" in code or "plt." not in code
+
+
+@pytest.mark.parametrize("layers, heads", [(30, 9), (18, 4)])  # SmolLM2's and Gemma-3's grids
+def test_the_path_patching_maps_read_on_a_phone_with_any_number_of_stages_and_a_long_title(layers, heads):
+    import matplotlib.pyplot as plt
+
+    plots.set_theme()
+    table = torch.randn(layers, heads)
+    for n in range(1, 5):
+        tables = {f"stage {i}": table for i in range(n)}
+        fig = plots.effect_heatmaps(tables, title="a model: full names, path-patching effect per stage "
+                                                  "(selected heads outlined), and a few more words")
+        assert plots.check_readable(fig) is fig
+        plt.close(fig)

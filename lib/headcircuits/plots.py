@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import uuid
 from typing import Sequence
 
@@ -182,9 +183,9 @@ def effect_heatmaps(
         ax.set(title=name, xlabel="head", ylabel="layer" if ax in axes[:, 0] else "")
         ax.set_facecolor("#d9d9d9")  # NaN: not a sender in this stage
         ax.grid(False)
-        ax.tick_params(axis="y", labelsize=7, rotation=0)
-    if title:
-        fig.suptitle(title)
+        ax.tick_params(axis="y", labelsize=8, rotation=0)
+    if title:  # wrapped to the panels' width: a long title would widen the figure, and the book shrinks it
+        fig.suptitle(textwrap.fill(title, width=int(11 * fig.get_figwidth())))
     fig.tight_layout()
     return fig
 
