@@ -250,3 +250,19 @@ def test_fast_and_reference_agree_on_the_embedded_model(smollm2):
         ref = patching.path_patch(smollm2, data, receivers, senders, method="reference", progress=False)
         fast = patching.path_patch(smollm2, data, receivers, senders, method="fast", progress=False)
         torch.testing.assert_close(fast, ref, rtol=1e-3, atol=1e-4, equal_nan=True)
+
+
+def test_a_subset_of_prompts_keeps_its_padded_width_and_both_methods_agree(tiny):
+    """A TaskData subset keeps the full batch's padded width (wider than its own prompts): the baseline is laid
+    out at that width, which the reference loop runs at (it failed on chapter 03's eight-prompt check)."""
+    data = ioi.generate(tiny, 12, seed=0, counterfactual="abc")
+    short = int(data.clean.lengths.argmin())
+    check = data.subset([short])
+    assert check.clean.ids.shape[1] > int(check.clean.lengths.max())
+    base = patching.baseline(tiny, check)
+    assert base.z_clean[0].shape[1] == check.clean.ids.shape[1]
+    r = patching.Receivers("logits")
+    senders = [(1, 0), (2, 1)]
+    ref = patching.path_patch(tiny, check, r, senders, method="reference", base=base, progress=False)
+    fast = patching.path_patch(tiny, check, r, senders, method="fast", base=base, progress=False)
+    torch.testing.assert_close(fast, ref, rtol=1e-3, atol=1e-4, equal_nan=True)

@@ -331,7 +331,7 @@ def _steps(model, data, which, conditions, read, rows, h, lo, kv, start, top, fi
             for e in conditions[c]:
                 for name, fn in e.hooks(data, rows, view_positions):
                     by_name.setdefault(name, []).append((j, fn))
-        hooks = []
+        hooks, composed_of = [], {}
         for name, fns in by_name.items():
             def composed(act, hook, fns=fns, kind=_kind(name)):
                 act = act.clone()
@@ -340,6 +340,8 @@ def _steps(model, data, which, conditions, read, rows, h, lo, kv, start, top, fi
                 return act
 
             hooks.append((name, composed))
+            composed_of[name] = composed
+        frozen = copies and _all_frozen([conditions[c] for c in chunk], read, start, top)
         done: set[int] = set()
 
         def record(act, hook, i):
@@ -361,6 +363,11 @@ def _steps(model, data, which, conditions, read, rows, h, lo, kv, start, top, fi
                 if whole:  # the same computation as the kept clean passes (so an unedited run equals them exactly)
                     architecture.base_model(model)(input_ids=data.tokens(which).ids[rows.cpu(), :width].repeat(C, 1)
                                                    .to(device), use_cache=False)
+                elif frozen:  # every head frozen at this token: the norms and the MLPs alone (see _all_frozen)
+                    H, d_head = model.facts.n_heads, model.facts.d_head
+                    for layer in range(start, top + 1):
+                        z = composed_of[architecture.hook("z", layer)](x.new_zeros(n, C, H, d_head), None)
+                        x = architecture.mlp_only_block(model, layer, x, architecture.attention_output(model, layer, z))
                 else:
                     for layer in range(start, top + 1):
                         x = architecture.run_block(model, layer, x, ids, mask, cache)
@@ -372,6 +379,23 @@ def _steps(model, data, which, conditions, read, rows, h, lo, kv, start, top, fi
                                                                                    column]))
         except Stop:
             pass
+
+
+#: what a frozen run must not read: what the attention computes, which it skips
+_ATTENTION_KINDS = ("q", "k", "v", "pattern", "z", "post_attn_scale")
+
+
+def _all_frozen(conditions, read, start, top) -> bool:
+    """Whether every condition freezes every head of the blocks ``start`` .. ``top`` at the one recomputed token
+    (an edit with ``frozen = True``, such as path patching's :class:`~headcircuits.path_patching.FrozenHeads`,
+    sets every head's ``z`` there whatever the head computes, and edits only that token), and nothing read needs
+    what the attention computes. Then each block's attention output is known from the frozen ``z`` alone (no query,
+    key or value projection, no attention: :func:`headcircuits.models.architecture.mlp_only_block`); exact,
+    because a frozen head's output does not depend on what it would have attended to (tested equal to the full
+    blocks through path patching against its reference on every family)."""
+    span = set(range(start, top + 1))
+    return (all(any(getattr(e, "frozen", False) and span <= set(e.layers) for e in c) for c in conditions)
+            and not any(r.kind in _ATTENTION_KINDS and r.layer is not None and r.layer in span for r in read))
 
 
 def _unembed_into(model, results, normed_of, logits, n) -> None:

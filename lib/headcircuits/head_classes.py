@@ -135,7 +135,18 @@ def disagreements(
     the reason read from the :func:`class_evidence` that classified it (same ``threshold`` and ``negative`` as
     :func:`classify`): a stage says where a head sits in the circuit, its class what it does on IOI, and the two
     can disagree. Columns: ``head``, ``stage``, ``effect`` (its normalised effect in that stage), ``class`` and
-    ``reason``."""
+    ``reason``.
+
+    Args:
+        circuit: the discovered :class:`~headcircuits.circuits.Circuit`.
+        classes: ``{head: class}`` (:func:`classify`).
+        evidence: :func:`class_evidence` of the same prompts.
+        threshold: as :func:`classify`.
+        negative: as :func:`classify`.
+
+    Returns:
+        One row per (head, stage) whose class that stage does not look for, with the reason.
+    """
     import pandas as pd
 
     patterns, dla, ld = evidence
@@ -176,6 +187,16 @@ def assign_classes(
       inhibition head); in between, its attention decides (IO: mover, S2: inhibition). ``classify`` sets
       ``negative`` to 5 % of the mean logit difference, so that an inhibition head's small incidental write does
       not change its class.
+
+    Args:
+        patterns: each class's ``[layer, head]`` attention (:data:`CLASS_ATTENTION`).
+        dla: ``[layer, head]`` direct logit differences.
+        heads: the heads to classify.
+        threshold: the attention a class needs.
+        negative: the direct effect a (negative) mover needs.
+
+    Returns:
+        ``{head: class}``.
     """
     classes = {}
     for head in heads:
@@ -206,7 +227,15 @@ def heads_of_class(classes: dict[Head, str], name: str) -> tuple[Head, ...]:
 
 def table(circuit: Circuit, classes: dict[Head, str] | None = None) -> "pd.DataFrame":
     """One row per circuit head: ``head`` (``L.H``), the stages that selected it, its effect in every stage
-    (normalised path-patching effect) and its behavioural class."""
+    (normalised path-patching effect) and its behavioural class.
+
+    Args:
+        circuit: a :class:`~headcircuits.circuits.Circuit`.
+        classes: ``{head: class}``, if known.
+
+    Returns:
+        One row per head: its stages, effects and class.
+    """
     import pandas as pd
 
     rows = []

@@ -80,7 +80,19 @@ def process(
     W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor, ln_scale: Tensor | None, *, center: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """TransformerLens' default processing: fold the norm scale ``ln_scale`` [layer, d_model] into the reading
-    weights; if ``center`` (LayerNorm models), centre reading weights over d_model and W_O over its output."""
+    weights; if ``center`` (LayerNorm models), centre reading weights over d_model and W_O over its output.
+
+    Args:
+        W_Q: ``[layer, head, d_model, d_head]``.
+        W_K: the same shape.
+        W_V: the same shape.
+        W_O: ``[layer, head, d_head, d_model]``.
+        ln_scale: ``[layer, d_model]``, or ``None``.
+        center: centre as LayerNorm does.
+
+    Returns:
+        The processed ``(W_Q, W_K, W_V, W_O)``.
+    """
     if ln_scale is not None:
         scale = ln_scale[:, None, :, None]
         W_Q, W_K, W_V = W_Q * scale, W_K * scale, W_V * scale
@@ -155,7 +167,14 @@ def find_gpt2_small_attention(path: str | Path | None = None) -> Path | None:
     """Where GPT-2 small's attention weights are, if anywhere: ``path`` if given, else ``$HEADCIRCUITS_GPT2_ATTENTION``,
     else a developer checkout's ``../shared/gpt2-small-attention``. ``None`` when none of them exists (readers of
     the book usually do not have the file; with internet, ``from_model(load_model("gpt2-small"))`` gives the same
-    weights)."""
+    weights).
+
+    Args:
+        path: a folder to look in first.
+
+    Returns:
+        The folder, or ``None``.
+    """
     import os
 
     candidates = [path] if path else [os.environ.get("HEADCIRCUITS_GPT2_ATTENTION"),
@@ -170,7 +189,16 @@ def find_gpt2_small_attention(path: str | Path | None = None) -> Path | None:
 
 def load_gpt2_small_attention(path: str | Path, *, fold_norm: bool = True, center: bool = True) -> HeadWeights:
     """GPT-2 small's real attention weights from the ``gpt2_small_attention.npz`` layout (TransformerLens state
-    dict before processing), processed like TransformerLens' default ``HookedTransformer``."""
+    dict before processing), processed like TransformerLens' default ``HookedTransformer``.
+
+    Args:
+        path: the folder of ``gpt2_small_attention.npz``.
+        fold_norm: fold the LayerNorm scale in.
+        center: centre as LayerNorm does.
+
+    Returns:
+        The :class:`HeadWeights`.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "gpt2_small_attention.npz"
@@ -202,7 +230,15 @@ def fix_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
     """An SVD determines each pair (u_k, v_k) only up to a joint sign, and LAPACK builds may pick either. Our
     convention: the entry of largest magnitude of every row of ``Vh`` is positive (``U``'s columns flip with
     them, so U diag(S) Vh is unchanged). Coordinates, correlations and plots along components are then the same
-    on every machine."""
+    on every machine.
+
+    Args:
+        U: ``[..., d, k]``.
+        Vh: ``[..., k, d]``.
+
+    Returns:
+        ``(U, Vh)`` with the signs fixed.
+    """
     index = Vh.abs().argmax(dim=-1, keepdim=True)
     sign = torch.sign(Vh.gather(-1, index))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)  # [..., k, 1]
@@ -229,7 +265,16 @@ def edit_ov(W_V: Float[Tensor, "d_model d_head"], W_O: Float[Tensor, "d_head d_m
     decreasing singular value) of its OV = W_V W_O = U S Vh to 0, then rewrite the head from the edited SVD,
     ``W_V' = U sqrt(S')`` and ``W_O' = sqrt(S') Vh`` (the paper's O = U sqrt(S'), V = sqrt(S') V^T in the column
     convention). ``W_V' W_O' = OV - sum_k s_k u_k v_k^T``: the head no longer writes along the removed components'
-    directions, and everything else it writes is unchanged (``zero`` empty: the same OV)."""
+    directions, and everything else it writes is unchanged (``zero`` empty: the same OV).
+
+    Args:
+        W_V: ``[d_model, d_head]``.
+        W_O: ``[d_head, d_model]``.
+        zero: the components to remove.
+
+    Returns:
+        The edited ``(W_V, W_O)``.
+    """
     svd = head_svd(FactoredMatrix(W_V, W_O))
     S = svd.S.clone()
     index = torch.as_tensor(list(zero), dtype=torch.long)
@@ -249,7 +294,15 @@ def _gram_root(x: Tensor) -> Tensor:
 
 def frobenius(A: Tensor, B: Tensor) -> Tensor:
     """||A B||_F of a factored matrix (A: [..., n, k], B: [..., k, m]) via a k x k root, never forming A B
-    (TransformerLens' FactoredMatrix.norm goes through an SVD, about 25x slower here)."""
+    (TransformerLens' FactoredMatrix.norm goes through an SVD, about 25x slower here).
+
+    Args:
+        A: ``[..., n, k]``.
+        B: ``[..., k, m]``.
+
+    Returns:
+        ``[...]`` norms.
+    """
     return torch.linalg.matrix_norm(_gram_root(A) @ B)
 
 
@@ -298,7 +351,19 @@ def random_baseline(
     d_model: int, d_head: int, kind: Kind = "Q", n_samples: int = 1000, seed: int = 0, chunk: int = 100
 ) -> Float[Tensor, " sample"]:
     """Composition scores between independent random Gaussian heads of the same shapes: what "no relation"
-    looks like. A real pair reads as "above chance" when it exceeds, e.g., the 99th percentile of this sample."""
+    looks like. A real pair reads as "above chance" when it exceeds, e.g., the 99th percentile of this sample.
+
+    Args:
+        d_model: the residual width.
+        d_head: the head width.
+        kind: ``Q``, ``K`` or ``V``.
+        n_samples: pairs.
+        seed: the draw.
+        chunk: pairs per batch.
+
+    Returns:
+        ``[n_samples]`` scores.
+    """
     gen = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, n_samples, chunk):

@@ -149,7 +149,12 @@ def baseline(model: Model, data: TaskData) -> Baseline:
     reads = [Read(kind, l) for kind in ("z", "mlp_out", "resid_pre") for l in range(L)]
     clean, corrupt = (engine.run(model, data, read=reads, logits="end", which=which)[0]
                       for which in ("clean", "corrupt"))
-    of = lambda result, kind: [result[Read(kind, l)] for l in range(L)]  # noqa: E731
+    width = data.clean.ids.shape[1]  # the prompts' own padded width, which the reference loop runs at
+
+    def of(result, kind):
+        return [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]))
+                for t in (result[Read(kind, l)] for l in range(L))]
+
     return Baseline(
         ld_clean=logit_difference(clean.logits, data.answer, data.distractor),
         ld_corrupt=logit_difference(corrupt.logits, data.answer, data.distractor),

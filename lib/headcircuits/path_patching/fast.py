@@ -39,6 +39,9 @@ class FrozenHeads(Edit):
     sender_on: Tensor  # [batch] bool: the sender is patched at this prompt's position
     mlp_clean: list[Tensor] | None = None
 
+    #: every head of its blocks set at its position whatever it computes: the engine may skip the attention there
+    frozen = True
+
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(range(self.first, self.top + 1))
