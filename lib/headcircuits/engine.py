@@ -256,17 +256,21 @@ def run(
     reads_of = [[[] for _ in read] for _ in conditions]
     normed_of: list[list[tuple[Tensor, Tensor]]] = [[] for _ in conditions]
     stop = not final
+    frozen = bool((lo == hi).all()) and _all_frozen(conditions, read, start, top)
+    parts = []
     for p in passes:
         for a, b in sorted({(int(x), int(y)) for x, y in zip(lo[p.index], hi[p.index])}):
             mine = ((lo[p.index] == a) & (hi[p.index] == b)).nonzero().flatten()
-            rows = p.index[mine]
-            if end_only:
-                h = p.end[start][mine][:, None]  # [n, 1, d_model]
-            else:
-                h = p.resid[start][mine, a:b + 1]
-            kv = {l: (k[mine, :, :a], v[mine, :, :a]) for l, (k, v) in p.kv.items() if start <= l <= top} if a else {}
-            _steps(model, data, which, conditions, read, rows, h, a, kv, start, top, final, stop, max_tokens,
-                   reads_of, normed_of)
+            h = p.end[start][mine][:, None] if end_only else p.resid[start][mine, a:b + 1]  # [n, width, d_model]
+            kv = {} if frozen or not a else {l: (k[mine, :, :a], v[mine, :, :a]) for l, (k, v) in p.kv.items()
+                                             if start <= l <= top}
+            parts.append((p.index[mine], h, torch.full((len(mine),), a), kv))
+    if frozen:  # every head frozen at one token: no token attends to another, so every prompt runs together
+        parts = [(torch.cat([r for r, *_ in parts]), torch.cat([h for _, h, *_ in parts]),
+                  torch.cat([q for _, _, q, _ in parts]), {})]
+    for rows, h, first, kv in parts:
+        _steps(model, data, which, conditions, read, rows, h, first, kv, start, top, final, stop, max_tokens,
+               reads_of, normed_of, frozen)
     n = len(data)
     results = [Result({r: _assemble(reads_of[c][i], n) for i, r in enumerate(read)}) for c in range(len(conditions))]
     if logits is not None:
@@ -297,28 +301,32 @@ def _validate(model, data, which, conditions, read, logits) -> None:
             data.at(e.position, which)
 
 
-def _steps(model, data, which, conditions, read, rows, h, lo, kv, start, top, final, stop, max_tokens, reads_of,
-           normed_of) -> None:
-    """The conditions over one group of prompts with the same recomputed tokens ``lo .. lo + width - 1``
+def _steps(model, data, which, conditions, read, rows, h, first, kv, start, top, final, stop, max_tokens, reads_of,
+           normed_of, frozen=False) -> None:
+    """The conditions over a group of prompts whose recomputed tokens are ``first[i] .. first[i] + width - 1``
     (``h``: the clean residual entering block ``start`` there, [n, width, d_model]; ``kv``: the earlier tokens'
-    keys and values), as many conditions per step as ``max_tokens`` allows."""
+    keys and values, every prompt of the group having the same ``first`` then), as many conditions per step as
+    ``max_tokens`` allows. ``frozen`` (:func:`_all_frozen`): one token per prompt whose heads are all frozen, so no
+    copy attends to anything but itself and the prompts need not share a length."""
     n, width = h.shape[:2]
     device, dtype = h.device, h.dtype
+    first = first.to(device)
+    lo = 0 if frozen else int(first[0])  # the earlier tokens' keys and values every row attends to
     copies = width == 1  # one token: the conditions side by side as copies of it, else as blocks of rows
     per_step = max(1, max_tokens // (n * width))
-    for first in range(0, len(conditions), per_step):
-        chunk = list(range(first, min(first + per_step, len(conditions))))
+    for start_at in range(0, len(conditions), per_step):
+        chunk = list(range(start_at, min(start_at + per_step, len(conditions))))
         C = len(chunk)
         layout = _Layout(copies, n, lo)
-        view_positions = torch.arange(lo, lo + width, device=device).expand(n, width)
+        view_positions = first[:, None] + torch.arange(width, device=device)
         if copies:
-            x = h.expand(n, C, h.shape[-1])
-            ids = torch.full((n, C), lo, dtype=torch.long, device=device)
+            x = h.expand(n, C, h.shape[-1]).contiguous()  # an expanded (stride 0) input slows every block down
+            ids = view_positions.expand(n, C)
             mask = torch.full((C, lo + C), torch.finfo(dtype).min, dtype=dtype, device=device)
             mask[:, :lo] = 0
             mask[:, lo:].fill_diagonal_(0)
             mask = mask[None, None].expand(n, 1, C, lo + C)
-            cache = Prefix(kv, lo) if lo else None
+            cache = Prefix(kv, lo) if lo and not frozen else None
         else:
             x = h.repeat(C, 1, 1)
             ids = view_positions.repeat(C, 1)
@@ -331,6 +339,11 @@ def _steps(model, data, which, conditions, read, rows, h, lo, kv, start, top, fi
             for e in conditions[c]:
                 for name, fn in e.hooks(data, rows, view_positions):
                     by_name.setdefault(name, []).append((j, fn))
+        if frozen and not read and all(len(conditions[c]) == 1 for c in chunk):  # the norms and MLPs alone
+            normed = _frozen_normed(model, [conditions[c][0] for c in chunk], rows, h[:, 0], start, top)
+            for j, c in enumerate(chunk):
+                normed_of[c].append((rows, normed[j * n:(j + 1) * n]))
+            continue
         hooks, composed_of = [], {}
         for name, fns in by_name.items():
             def composed(act, hook, fns=fns, kind=_kind(name)):
@@ -341,7 +354,6 @@ def _steps(model, data, which, conditions, read, rows, h, lo, kv, start, top, fi
 
             hooks.append((name, composed))
             composed_of[name] = composed
-        frozen = copies and _all_frozen([conditions[c] for c in chunk], read, start, top)
         done: set[int] = set()
 
         def record(act, hook, i):
@@ -363,17 +375,12 @@ def _steps(model, data, which, conditions, read, rows, h, lo, kv, start, top, fi
                 if whole:  # the same computation as the kept clean passes (so an unedited run equals them exactly)
                     architecture.base_model(model)(input_ids=data.tokens(which).ids[rows.cpu(), :width].repeat(C, 1)
                                                    .to(device), use_cache=False)
-                elif frozen:  # every head frozen at this token: the norms and the MLPs alone (see _all_frozen)
-                    H, d_head = model.facts.n_heads, model.facts.d_head
-                    for layer in range(start, top + 1):
-                        z = composed_of[architecture.hook("z", layer)](x.new_zeros(n, C, H, d_head), None)
-                        x = architecture.mlp_only_block(model, layer, x, architecture.attention_output(model, layer, z))
                 else:
                     for layer in range(start, top + 1):
                         x = architecture.run_block(model, layer, x, ids, mask, cache)
                 if final:
                     normed = captured["normed"] if whole else architecture.final_norm(model, x)
-                    column = data.at("END", which)[rows.cpu()].to(device) - lo  # END's column in the window
+                    column = data.at("END", which)[rows.cpu()].to(device) - first  # END's column in the window
                     for j, c in enumerate(chunk):
                         normed_of[c].append((rows, layout.view("other", normed, j)[torch.arange(n, device=device),
                                                                                    column]))
@@ -381,21 +388,39 @@ def _steps(model, data, which, conditions, read, rows, h, lo, kv, start, top, fi
             pass
 
 
-#: what a frozen run must not read: what the attention computes, which it skips
-_ATTENTION_KINDS = ("q", "k", "v", "pattern", "z", "post_attn_scale")
+#: what a frozen run must not read: what the attention computes from other tokens (queries, keys and values are
+#: the token's own, read before any attention; the norms and MLPs alone run when none of them is read either)
+_NOT_FROZEN = ("pattern", "z", "post_attn_scale")
 
 
 def _all_frozen(conditions, read, start, top) -> bool:
     """Whether every condition freezes every head of the blocks ``start`` .. ``top`` at the one recomputed token
     (an edit with ``frozen = True``, such as path patching's :class:`~headcircuits.path_patching.FrozenHeads`,
-    sets every head's ``z`` there whatever the head computes, and edits only that token), and nothing read needs
-    what the attention computes. Then each block's attention output is known from the frozen ``z`` alone (no query,
-    key or value projection, no attention: :func:`headcircuits.models.architecture.mlp_only_block`); exact,
-    because a frozen head's output does not depend on what it would have attended to (tested equal to the full
-    blocks through path patching against its reference on every family)."""
+    sets every head's ``z`` there whatever the head computes, edits only that token, and gives its values with
+    ``frozen_at(layer, rows) -> (z [rows, head, d_head], MLP output [rows, d_model] or None)``), and nothing read needs
+    what the attention computes from other tokens. Then the token needs no other token: each prompt's copies attend
+    to themselves alone and prompts of every length run together; with no query, key or value read, each block's
+    attention output is known from the frozen ``z`` alone (the norms and MLPs alone run:
+    :func:`headcircuits.models.architecture.mlp_only_block`). Exact, because a frozen head's output does not
+    depend on what it would have attended to (tested through path patching against its reference on every
+    family)."""
     span = set(range(start, top + 1))
     return (all(any(getattr(e, "frozen", False) and span <= set(e.layers) for e in c) for c in conditions)
-            and not any(r.kind in _ATTENTION_KINDS and r.layer is not None and r.layer in span for r in read))
+            and not any(r.kind in _NOT_FROZEN and r.layer is not None and r.layer in span for r in read))
+
+
+def _frozen_normed(model, edits: list[Edit], rows: Tensor, h: Tensor, start: int, top: int) -> Tensor:
+    """Every head frozen (one frozen edit per condition, nothing read but the logits): each block's attention output
+    is the frozen heads' ``z`` through W_O, so only the norms and MLPs run (no query, key or value projection, no
+    attention), every condition's rows stacked as one matrix; returns the final norm's output, condition by
+    condition ([conditions * rows, d_model])."""
+    x = h.repeat(len(edits), 1)  # rows of condition j at j * n .. (j + 1) * n
+    for layer in range(start, top + 1):
+        parts = [e.frozen_at(layer, rows) for e in edits]
+        z = torch.cat([z for z, _ in parts]).to(x)
+        mlp = None if parts[0][1] is None else torch.cat([m for _, m in parts]).to(x)
+        x = architecture.mlp_only_block(model, layer, x, architecture.attention_output(model, layer, z), mlp)
+    return architecture.final_norm(model, x)
 
 
 def _unembed_into(model, results, normed_of, logits, n) -> None:

@@ -44,6 +44,16 @@ class _Entry:
     value: Any
 
 
+def _walked(model: Model) -> tuple[list, list]:
+    """The model's hook points and parameters, listed once per model (walking the modules costs milliseconds)."""
+    if "_walked" not in model.__dict__:
+        from transformer_lens.hook_points import HookPoint
+
+        model.__dict__["_walked"] = ([m for m in model.bridge.modules() if isinstance(m, HookPoint)],
+                                     list(model.bridge.parameters()))
+    return model.__dict__["_walked"]
+
+
 def hooks_active(model: Model) -> bool:
     """Whether any hook is registered on any of the model's hook points right now (TransformerLens' own module
     hooks, which the bridge keeps on some of the wrapped modules at all times, are not hook points).
@@ -54,14 +64,12 @@ def hooks_active(model: Model) -> bool:
     Returns:
         Whether a hook is registered.
     """
-    from transformer_lens.hook_points import HookPoint
-
-    return any(isinstance(m, HookPoint) and (m._forward_hooks or m._forward_pre_hooks) for m in model.bridge.modules())
+    return any(m._forward_hooks or m._forward_pre_hooks for m in _walked(model)[0])
 
 
 def _versions(model: Model, data: TaskData) -> tuple[int, int]:
     # changing the weights or the prompts in place bumps their tensors' version counters
-    return sum(p._version for p in model.bridge.parameters()), data.clean.ids._version
+    return sum(p._version for p in _walked(model)[1]), data.clean.ids._version
 
 
 def storage_bytes(value: Any, seen: set | None = None) -> int:

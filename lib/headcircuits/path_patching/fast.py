@@ -46,6 +46,17 @@ class FrozenHeads(Edit):
     def layers(self) -> tuple[int, ...]:
         return tuple(range(self.first, self.top + 1))
 
+    def frozen_at(self, layer: int, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        """What the heads (and, with ``freeze_mlps``, the MLP) of block ``layer`` output at the position, for the
+        prompts ``rows``: the engine's frozen mode reads these instead of running the attention."""
+        cpu = rows.cpu()
+        z = self.z_clean[layer][cpu]
+        if layer == self.sender[0]:
+            z = z.clone()
+            hs = self.sender[1]
+            z[:, hs] = torch.where(self.sender_on[cpu, None], self.z_corrupt[layer][cpu, hs], z[:, hs])
+        return z, None if self.mlp_clean is None else self.mlp_clean[layer][cpu]
+
     def hooks(self, data, rows, positions):
         where = at_position(data, self.position, rows, positions)
         r, c = where.nonzero(as_tuple=True)
