@@ -13,7 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from headcircuits import book, standalone
+from headcircuits import book, execution, standalone
 from headcircuits.errors import NotebookError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,47 +34,47 @@ def test_a_chapter_runs_once_and_is_reused_until_its_source_or_parameters_change
     src = _notebook(tmp_path / "notebooks" / "a.ipynb", "y = x * 2\nprint('y =', y)")
     out = tmp_path / "_build" / "executed"
     logs: list[str] = []
-    book.execute_notebooks([src], out, {}, log=logs.append)
+    execution.execute_notebooks([src], out, {}, log=logs.append)
     record = json.loads((out / "a.run.json").read_text())
     assert record["reused"] is False and record["seconds"] > 0 and record["peak_rss_mib"] > 10  # a kernel's RSS
     assert record["parameters"] == {"x": "1"} and record["overridden"] == []
     assert {"cpu", "cores", "gpu"} <= set(record["hardware"]) and record["versions"]["torch"] != "not installed"
     assert "y = 2" in (out / "a.ipynb").read_text()
 
-    book.execute_notebooks([src], out, {}, log=logs.append)  # nothing changed
+    execution.execute_notebooks([src], out, {}, log=logs.append)  # nothing changed
     assert "unchanged" in logs[-1] and json.loads((out / "a.run.json").read_text())["reused"] is True
 
-    book.execute_notebooks([src], out, {"x": 5}, log=logs.append)  # another parameter value: executed again
+    execution.execute_notebooks([src], out, {"x": 5}, log=logs.append)  # another parameter value: executed again
     record = json.loads((out / "a.run.json").read_text())
     assert logs[-1].startswith("executed a.ipynb") and record["parameters"]["x"] == "5" and record["overridden"] == ["x"]
     assert "y = 10" in (out / "a.ipynb").read_text()
 
     _notebook(src, "y = x * 3\nprint('y =', y)")  # an edited source: executed again
-    book.execute_notebooks([src], out, {"x": 5}, log=logs.append)
+    execution.execute_notebooks([src], out, {"x": 5}, log=logs.append)
     assert logs[-1].startswith("executed") and "y = 15" in (out / "a.ipynb").read_text()
 
-    key = book.execution_key(src, {"x": 5})
-    assert key == book.execution_key(src, {"x": 5}) != book.execution_key(src, {"x": 6})
+    key = execution.execution_key(src, {"x": 5})
+    assert key == execution.execution_key(src, {"x": 5}) != execution.execution_key(src, {"x": 6})
 
 
 def test_the_key_follows_the_library_source(tmp_path, monkeypatch):
     src = _notebook(tmp_path / "notebooks" / "a.ipynb", "pass")
-    before = book.execution_key(src, {})
+    before = execution.execution_key(src, {})
     import headcircuits.cache
 
     monkeypatch.setattr(headcircuits.cache, "library_hash", lambda: "an edited library")
-    assert book.execution_key(src, {}) != before
+    assert execution.execution_key(src, {}) != before
     monkeypatch.undo()
-    assert book.execution_key(src, {}) == before
+    assert execution.execution_key(src, {}) == before
     monkeypatch.setenv("HEADCIRCUITS_DEVICE", "cuda:7")  # another device choice
-    assert book.execution_key(src, {}) != before
+    assert execution.execution_key(src, {}) != before
 
 
 def test_a_failing_chapter_stops_the_build_and_names_its_executed_copy(tmp_path):
     src = _notebook(tmp_path / "notebooks" / "bad.ipynb", "raise ValueError('broken on purpose')")
     out = tmp_path / "executed"
     with pytest.raises(NotebookError, match=r"bad.ipynb failed.*executed copy .*bad.ipynb"):
-        book.execute_notebooks([src], out, {}, log=lambda _: None)
+        execution.execute_notebooks([src], out, {}, log=lambda _: None)
     assert "broken on purpose" in (out / "bad.ipynb").read_text()
     assert not (out / "bad.run.json").exists()  # no record: the next build runs it again
 
@@ -119,18 +119,18 @@ def test_the_execution_report_lists_every_chapter_its_time_memory_and_overrides(
          "device": "default (CUDA when available, else CPU)", "hardware": {"cpu": "Some CPU", "cores": "2", "gpu": "none"},
          "versions": {"torch": "2.13.0"}, "reused": True},
     ]
-    page = book.execution_report(records)
+    page = execution.execution_report(records)
     assert "| [01_a](notebooks/01_a.ipynb) | smollm2-135m, gemma-3-270m | cpu | 95 s | 3.0 GiB |" in page
     assert "| [02_b](notebooks/02_b.ipynb) | gemma-3-270m | default | 10.0 min | 1.5 GiB | 2026-11-22 10:00 UTC (reused) |" in page
     assert "All chapters: 11.6 min" in page and "| `n_prompts` | **`40`** |" in page and "| torch | 2.13.0 |" in page
     with pytest.raises(ValueError, match="execute the notebooks first"):
-        book.execution_report([])
+        execution.execution_report([])
     cell = book._runtime_cell(records[1])
     assert "10.0 min" in cell["source"] and "2 cores of Some CPU" in cell["source"] and "GPU" not in cell["source"].split("(")[0]
 
 
 def test_every_chapter_starts_with_the_install_cell_and_it_installs_the_pinned_versions():
-    for path in book.notebooks_in_toc(ROOT):
+    for path in execution.notebooks_in_toc(ROOT):
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert code[0].source == standalone.INSTALL_CELL, f"{path.name}: its first cell is not the install cell"
@@ -186,7 +186,7 @@ def test_every_chapters_colab_link_opens_that_chapters_published_notebook():
     assert publish[0]["with"]["publish_dir"] == "_build/html"  # the student edition, whose _sources it links
     uploads = [s for s in workflow["jobs"]["build"]["steps"] if "upload-artifact" in s.get("uses", "")]
     assert uploads and uploads[0]["with"]["path"] == "_build/html-instructor"  # an archive, not a public page
-    for path in book.notebooks_in_toc(ROOT):
+    for path in execution.notebooks_in_toc(ROOT):
         assert book.colab_link(ROOT, path.stem) == (
             f"https://colab.research.google.com/github/{owner}/{repo}/blob/gh-pages/_sources/book/notebooks/"
             f"{path.stem}.ipynb")
@@ -267,7 +267,7 @@ def _exercise_cells(path: Path):
 
 def test_every_chapter_has_two_to_four_exercises_with_difficulty_importance_time_and_solutions():
     instructors = (ROOT / "book" / "instructors.md").read_text()
-    for path in book.notebooks_in_toc(ROOT):
+    for path in execution.notebooks_in_toc(ROOT):
         nb, exercises, solutions, checks = _exercise_cells(path)
         assert 2 <= len(exercises) <= 4, f"{path.name}: {len(exercises)} exercises"
         for cell in exercises:
@@ -320,7 +320,7 @@ def test_long_code_cells_are_folded_and_parameters_and_exercises_stay_open():
 
 def test_every_figure_has_a_caption_and_alt_text():
     """A cell that draws a figure carries a caption (numbered in the book) and alt text for screen readers."""
-    for path in book.notebooks_in_toc(ROOT):
+    for path in execution.notebooks_in_toc(ROOT):
         for cell in nbformat.read(path, as_version=4).cells:
             if cell.cell_type == "code" and "plt.show()" in cell.source:
                 options = cell.metadata.get("mystnb", {})
@@ -336,7 +336,7 @@ def test_a_figure_cell_shows_no_table_so_its_caption_is_printed_once():
     next cell's."""
     import ast
 
-    for path in book.notebooks_in_toc(ROOT):
+    for path in execution.notebooks_in_toc(ROOT):
         for cell in nbformat.read(path, as_version=4).cells:
             if cell.cell_type == "code" and cell.metadata.get("mystnb", {}).get("figure"):
                 last = ast.parse(cell.source).body[-1]
@@ -348,19 +348,19 @@ def test_running_it_yourself_states_the_memory_and_time_this_build_measured():
     records = [{"notebook": "01_a.ipynb", "peak_rss_mib": 2048.0, "seconds": 60.0, "hardware": {"cores": 2, "cpu": "x"}},
                {"notebook": "04_b.ipynb", "peak_rss_mib": 8397.0, "seconds": 300.0, "hardware": {"cores": 2, "cpu": "x"}}]
     page = (ROOT / "book" / "running.md").read_text()
-    assert all(token in page for token in book.MEASURED[:3])
+    assert all(token in page for token in execution.MEASURED[:3])
     assert not re.search(r"\b\d+ GB of memory", page)  # no typed memory figure
-    shown = book.measured_page(page, records)
+    shown = execution.measured_page(page, records)
     assert "{{" not in shown and "at least 9 GB of" in shown and "04_b (8.2 GiB at its peak)" in shown
     assert "6.0 min of chapter execution" in shown and "2 cores of x" in shown
     with pytest.raises(ValueError, match="no execution records"):
-        book.measured_page(page, [])
+        execution.measured_page(page, [])
 
 
 def test_every_chapter_links_its_glossary_terms_and_the_verdict_page():
     glossary = (ROOT / "book" / "glossary.md").read_text()
     defined = set(re.findall(r"^([A-Z][^\n]*)$", glossary.split("```{glossary}")[1], re.M))
-    for path in book.notebooks_in_toc(ROOT):
+    for path in execution.notebooks_in_toc(ROOT):
         text = "".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown")
         used = re.findall(r"\{term\}`([^`]+)`", text)
         assert used and set(used) <= defined, f"{path.name}: terms {set(used) - defined} are not in the glossary"

@@ -61,6 +61,34 @@ def test_unedited_logits_and_reads_equal_the_plain_pass(tiny):
             _close(got[r], want[r])
 
 
+def test_neighbouring_lengths_share_a_right_padded_batch(tiny, monkeypatch):
+    """A few prompts of each length run as one batch padded on the right (it changes no real token: attention is
+    causal): reads at every position are the plain pass's and exactly 0 past each prompt's end, and the same as
+    runs of one length per batch."""
+    data = _mixed(tiny, n=8)
+    groups = passes.length_groups(data)
+    assert len(groups) < len(data.clean.lengths.unique())  # some lengths share a batch
+    assert sorted(torch.cat([i for i, _ in groups]).tolist()) == list(range(len(data)))
+    assert all(int(data.clean.lengths[i].max()) == w for i, w in groups)
+    reads = [Read("resid_post", 1), Read("pattern", 0), Read("z", 1, at="END")]
+    STORE.clear()
+    merged = engine.run(tiny, data, read=reads, logits="end")[0]
+    _, want = plain_run(tiny, data, reads=reads)
+    for r in reads:
+        _close(merged[r], want[r])
+    lengths = data.clean.lengths
+    for i, n in enumerate(lengths.tolist()):
+        assert merged[reads[0]][i, n:].abs().sum() == 0
+        assert merged[reads[1]][i, :, n:].abs().sum() + merged[reads[1]][i, :, :, n:].abs().sum() == 0
+    monkeypatch.setattr(passes, "MERGE_TOKENS", 0)
+    STORE.clear()
+    assert len(passes.length_groups(data)) == len(lengths.unique())
+    alone = engine.run(tiny, data, read=reads, logits="end")[0]
+    torch.testing.assert_close(alone.logits, merged.logits, rtol=0, atol=1e-5)
+    for r in reads:
+        torch.testing.assert_close(alone[r], merged[r], rtol=0, atol=1e-5)
+
+
 def test_reads_alone_stop_after_the_highest_block_read(tiny, monkeypatch):
     data = _mixed(tiny)
     ran, run_block = [], architecture.run_block
@@ -119,6 +147,23 @@ def test_a_kept_clean_pass_serves_the_next_run_on_the_same_prompts(tiny, monkeyp
     engine.run(tiny, data, [[ResidualAddition(0, "END", torch.ones(tiny.facts.d_model))]], logits="end")
     assert len(calls) > n and calls[-1] == 0  # not from block 0: a new pass
     assert not torch.equal(first[0].logits, again[0].logits)
+
+
+@pytest.mark.parametrize("position", ["END", "ITEM_0"])  # END alone, or a suffix over the earlier tokens
+def test_a_pass_kept_through_fewer_blocks_is_extended_upwards(tiny, monkeypatch, position):
+    """A run that reads block 0 keeps a pass through block 0 only; a later run up to the logits extends that pass
+    (no new pass over the prompts) and equals the plain pass."""
+    data = _mixed(tiny)
+    calls, clean_pass = [], passes.clean_pass
+    monkeypatch.setattr(passes, "clean_pass", lambda *a, **k: calls.append(k.get("top")) or clean_pass(*a, **k))
+    edit = ResidualAddition(0, position, torch.ones(tiny.facts.d_model))
+    STORE.clear()
+    engine.run(tiny, data, [[edit]], read=[Read("z", 0, at="END")])
+    assert calls and set(calls) == {0}  # through block 0 alone
+    got = engine.run(tiny, data, [[edit]], logits="end")[0]
+    assert set(calls) == {0}  # extended, not recomputed
+    want, _ = plain_run(tiny, data, [edit])
+    torch.testing.assert_close(got.logits, want, **TOL)
 
 
 def test_conditions_side_by_side_equal_one_condition_at_a_time(tiny):

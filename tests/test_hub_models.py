@@ -83,14 +83,14 @@ def test_offline_without_the_model_the_hub_path_fails_at_once_with_the_fix(tmp_p
 def test_every_notebook_runs_on_the_papers_hub_models(hub_env, tmp_path, monkeypatch):
     """Every chapter, with small parameters, on all three hub models at once (numbers meaningless: random
     weights). A failing cell fails the test with the chapter's traceback."""
-    from headcircuits import book
+    from headcircuits import execution
     from test_plots_and_book import SMALL
 
     for key in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(key, hub_env[key])
-    notebooks = book.notebooks_in_toc(ROOT)
+    notebooks = execution.notebooks_in_toc(ROOT)
     params = {**SMALL, "model_names": ",".join(HUB_NAMES)}
-    executed = book.execute_notebooks(notebooks, tmp_path / "executed", params, reuse=False)
+    executed = execution.execute_notebooks(notebooks, tmp_path / "executed", params, reuse=False)
     for path in executed:
         text = path.read_text()
         assert all(name in text for name in HUB_NAMES), f"{path.name} does not show every hub model"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from headcircuits import book, plots, report
+from headcircuits import book, execution, plots, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,25 +101,25 @@ def test_offline_scan_finds_remote_loads(tmp_path):
 def test_an_unknown_parameter_fails_before_anything_runs_and_lists_the_valid_ones(capsys):
     from headcircuits import cli
 
-    with pytest.raises(book.ParameterError) as err:
-        book.check_parameters(book.notebooks_in_toc(ROOT), {"model": "gemma-3-270m"})
+    with pytest.raises(execution.ParameterError) as err:
+        execution.check_parameters(execution.notebooks_in_toc(ROOT), {"model": "gemma-3-270m"})
     message = str(err.value)
     assert "['model']" in message and "model_names" in message and "n_prompts" in message
     assert cli.main(["build-book", "--root", str(ROOT), "-p", "n_promts=5"]) == 2  # a typo
     err = capsys.readouterr().err
     assert "n_promts" in err and "n_prompts" in err and "Traceback" not in err
     # a parameter that only some notebooks declare reaches only those
-    per_notebook = book.check_parameters(book.notebooks_in_toc(ROOT), {"n_fix": 4, "seed": 1})
+    per_notebook = execution.check_parameters(execution.notebooks_in_toc(ROOT), {"n_fix": 4, "seed": 1})
     assert all(p["seed"] == 1 for p in per_notebook.values())
     assert sum("n_fix" in p for p in per_notebook.values()) == 1
 
 
 def test_parameters_are_key_value_pairs():
-    assert book.parse_parameters(["n_prompts=50", "lengths=[3, 5]", "model_names=gemma-3-270m"]) == {
+    assert execution.parse_parameters(["n_prompts=50", "lengths=[3, 5]", "model_names=gemma-3-270m"]) == {
         "n_prompts": 50, "lengths": [3, 5], "model_names": "gemma-3-270m"}
     for bad in ("n_prompts", "=5", "two words=1"):
-        with pytest.raises(book.ParameterError, match="KEY=VALUE"):
-            book.parse_parameters([bad])
+        with pytest.raises(execution.ParameterError, match="KEY=VALUE"):
+            execution.parse_parameters([bad])
 
 
 def test_check_offline_on_a_missing_site_fails(tmp_path, capsys):
@@ -132,8 +132,8 @@ def test_check_offline_on_a_missing_site_fails(tmp_path, capsys):
 
 
 def test_every_notebook_names_its_model_parameter_model_names():
-    for path in book.notebooks_in_toc(ROOT):
-        declared = book.declared_parameters(path)
+    for path in execution.notebooks_in_toc(ROOT):
+        declared = execution.declared_parameters(path)
         assert "model_names" in declared and not {"model", "model_name"} & set(declared), path.name
         assert declared.get("device") == "None", f"{path.name}: a device parameter, CUDA when available by default"
 
@@ -142,7 +142,7 @@ def test_every_notebook_has_a_parameters_cell_and_no_outputs():
     import nbformat
 
     notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
-    assert notebooks and set(notebooks) == set(book.notebooks_in_toc(ROOT))
+    assert notebooks and set(notebooks) == set(execution.notebooks_in_toc(ROOT))
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)
         tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
@@ -177,7 +177,7 @@ def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     def value(notebook: str, name: str):
         if name in used:
             return used[name]
-        return json.loads(book.declared_parameters(ROOT / "notebooks" / f"{notebook}.ipynb")[name])
+        return json.loads(execution.declared_parameters(ROOT / "notebooks" / f"{notebook}.ipynb")[name])
 
     assert (html / "book" / "notebooks" / "01_ioi_behaviour.html").is_file()
     assert (html / "_static" / "vendor" / "circuitsvis.js").is_file()
@@ -196,7 +196,7 @@ def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     list_page = (html / "book" / "notebooks" / "06_laundry_list.html").read_text()
     assert f"{value('06_laundry_list', 'n_per_length')} prompts per N" in list_page
     assert "the oracle fix" in list_page.lower() and "held out" in list_page
-    for chapter in book.notebooks_in_toc(ROOT):  # every cell in full, and no NaN where a word is meant
+    for chapter in execution.notebooks_in_toc(ROOT):  # every cell in full, and no NaN where a word is meant
         shown = (html / "book" / "notebooks" / f"{chapter.stem}.html").read_text()
         assert "...</td>" not in shown and ">NaN<" not in shown, chapter.stem
     own_page = (html / "book" / "notebooks" / "07_your_own_task.html").read_text()
@@ -210,7 +210,7 @@ def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
                           "setting the subspace to the answer's region"):
         assert chapter_claim in intro, f"scorecard lacks {chapter_claim!r}"  # pasted from the executed chapters
     # the scorecard: every published row of every chapter, each claim once per model, verdicts from the one rule
-    executed = [html.parent / "executed" / f"{p.stem}.ipynb" for p in book.notebooks_in_toc(ROOT)]
+    executed = [html.parent / "executed" / f"{p.stem}.ipynb" for p in execution.notebooks_in_toc(ROOT)]
     card = report.scorecard(executed)
     assert not card.duplicated(["claim", "model"]).any()
     built_models = set(card.model) - {"gpt2-small (released weights)"}
@@ -222,7 +222,7 @@ def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     assert "{{" not in running and "GB of memory" in running  # this build's measured peak, put in by the build
     # each chapter: a Colab link to its own published notebook, whose install cell names the commit it was built from
     commit, _ = book.source_commit(ROOT)
-    for path in book.notebooks_in_toc(ROOT):
+    for path in execution.notebooks_in_toc(ROOT):
         shown = (html / "book" / "notebooks" / f"{path.stem}.html").read_text()
         assert book.colab_link(ROOT, path.stem) in shown, f"{path.stem}: no Colab link to its notebook"
         published = json.loads((html / "_sources" / "book" / "notebooks" / f"{path.stem}.ipynb").read_text())
@@ -236,7 +236,7 @@ def test_notebooks_execute_and_the_book_builds_offline(tmp_path):
     assert book.scan_offline(instructor) == []
     import nbformat
 
-    for path in book.notebooks_in_toc(ROOT):
+    for path in execution.notebooks_in_toc(ROOT):
         name = f"book/notebooks/{path.stem}.html"
         student_page, teacher_page = (html / name).read_text(), (instructor / name).read_text()
         solutions = [c for c in nbformat.read(path, as_version=4).cells if "solution" in c.metadata.get("tags", [])]
@@ -302,7 +302,7 @@ def test_papermill_reads_every_parameter_each_notebook_assigns():
         cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
         assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
                     for t in node.targets if isinstance(t, ast.Name)}
-        assert assigned == set(book.declared_parameters(path)), f"{path.name}: papermill misses some parameters"
+        assert assigned == set(execution.declared_parameters(path)), f"{path.name}: papermill misses some parameters"
 
 
 def test_the_house_style_shows_table_cells_in_full():

@@ -6,13 +6,15 @@
 Modules named after what the papers do, over a neutral core (an import only goes downwards):
 
 * core: ``models`` (the zoo; ``models.architecture``: every per-family difference and the hook names), ``tasks``,
-  ``store`` (kept clean passes), ``edits`` (the one edit protocol), ``engine`` (the one way the model runs),
-  ``scoring`` (logit differences, accuracy, attention), ``cache`` (results on disk);
-* Circuit Component Reuse: ``path_patching``, ``circuits`` (discovery, head classes, overlap, the IOI roles),
-  ``repair`` (its section 5);
+  ``passes`` / ``store`` (the clean passes the engine starts from, kept), ``edits`` (the one edit protocol),
+  ``engine`` (the one way the model runs), ``scoring`` (logit differences, accuracy, attention), ``cache``
+  (results on disk);
+* Circuit Component Reuse: ``path_patching`` (the papers' loop and the fast path), ``circuits`` (discovery,
+  overlap), ``head_classes`` (what each head does, the IOI roles), ``repair`` (its section 5);
 * Talking Heads: ``weights`` (SVD of the heads, composition scores), ``channels``, ``inhibition`` (the score and
   the weight edit), ``traversal`` (the grid, its regions and the oracle fix);
-* the book: ``stats``, ``report``, ``plots``, ``exercises``, ``book``, ``cli``, ``standalone``, ``progress``.
+* the book: ``stats``, ``report``, ``plots``, ``exercises``, ``execution``, ``book``, ``cli``, ``standalone``,
+  ``progress``.
 """
 
 import warnings

@@ -46,10 +46,10 @@ def _run(args) -> int:
         print(f"offline models ready in {time.perf_counter() - start:.1f} s")
         return 0
     if args.command == "build-book":
-        from headcircuits import book
+        from headcircuits import book, execution
 
-        parameters = book.parse_parameters(args.parameter)
-        book.check_parameters(book.notebooks_in_toc(args.root.resolve()), parameters)  # before any slow work
+        parameters = execution.parse_parameters(args.parameter)
+        execution.check_parameters(execution.notebooks_in_toc(args.root.resolve()), parameters)  # before any slow work
         html = book.build(args.root.resolve(), args.out.resolve(), parameters)
         problems = book.scan_offline(html) + book.scan_offline(html.parent / "html-instructor")
         if problems:

@@ -39,7 +39,8 @@ from torch import Tensor
 from headcircuits.edits import Edit
 from headcircuits.models import architecture
 from headcircuits.models.core import Model
-from headcircuits.passes import Prefix, Stop, Which, kept_passes, length_groups  # noqa: F401
+from headcircuits.passes import Pass, Prefix, Stop, Which, clean_pass, keeps_full, kept_passes, length_groups  # noqa: F401
+from headcircuits.store import STORE, hooks_active
 from headcircuits.tasks.base import TaskData
 
 #: rows per product of the unembedding: a large vocabulary's product is bound by reading W_U (one row costs about
@@ -132,10 +133,16 @@ def _kind(name: str) -> str:
     return "pattern" if name == architecture.hook("pattern", architecture.layer_of(name) or 0) else "other"
 
 
-def _gather(read: Read, x: Tensor, data: TaskData, rows: Tensor, positions: Tensor) -> Tensor:
+def _gather(read: Read, x: Tensor, data: TaskData, rows: Tensor, positions: Tensor,
+            valid: Tensor | None = None) -> Tensor:
     """What ``read`` keeps of one condition's activation ``x`` ([rows, columns, ...]; patterns [rows, heads,
-    columns, keys]) whose columns hold ``positions``, on the CPU."""
+    columns, keys]) whose columns hold ``positions`` (``valid``: not right padding, which is read as 0), on the
+    CPU."""
     index = torch.arange(len(rows), device=x.device)
+    if read.at is None and valid is not None and not valid.all():
+        keep = (valid[:, None, :, None] & valid[:, None, None, :]) if read.kind == "pattern" else \
+            valid.reshape(*valid.shape, *[1] * (x.dim() - 2))
+        x = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
     if read.at is not None:
         target = data.at(read.at)[rows.cpu()].to(positions.device)
         column = (positions == target[:, None]).float().argmax(1)
@@ -249,33 +256,58 @@ def run(
     top = L - 1 if final else max(r.layer for r in read)
     lo, hi = _window(data, which, edits, read, logits)
     lengths = data.tokens(which).lengths
+    unedited_whole = len(conditions) == 1 and not conditions[0] and bool((lo == 0).all())
+    if unedited_whole and start > 0 and _keeps_instead(model, data, which):
+        # whole prompts, unedited, nothing kept yet: the whole model's own forward, kept (below), costs at most one
+        # pass more than this run and serves every later run on these prompts from any block (path patching's
+        # clean reads, then its steps 2 and 3, on a model that the baseline did not run)
+        start, top, final = 0, L - 1, True
     end_only = bool(((lo == lengths - 1) & (hi == lo)).all())
-    prefix_needed = bool((lo > 0).any())
     start = min(start, L - 1) if not end_only else start  # below the final norm unless END alone is rerun
-    passes = kept_passes(model, data, which, start, prefix_needed, end_only, max_tokens)
+    frozen = bool((lo == hi).all()) and _all_frozen(conditions, read, start, top)
+    # a frozen run reads no other token: the residual entering its first block is all it needs of a kept pass
+    prefix_needed = bool((lo > 0).any()) and not frozen
+    passes = kept_passes(model, data, which, start, prefix_needed, end_only, max_tokens, top)
     reads_of = [[[] for _ in read] for _ in conditions]
     normed_of: list[list[tuple[Tensor, Tensor]]] = [[] for _ in conditions]
     stop = not final
-    frozen = bool((lo == hi).all()) and _all_frozen(conditions, read, start, top)
     parts = []
     for p in passes:
-        for a, b in sorted({(int(x), int(y)) for x, y in zip(lo[p.index], hi[p.index])}):
-            mine = ((lo[p.index] == a) & (hi[p.index] == b)).nonzero().flatten()
-            h = p.end[start][mine][:, None] if end_only else p.resid[start][mine, a:b + 1]  # [n, width, d_model]
+        # windows from the first token run as one batch (right padding changes no real token), others by window
+        windows = {(int(x), 0 if x == 0 else int(y)) for x, y in zip(lo[p.index], hi[p.index])}
+        for a, b in sorted(windows):
+            mine = ((lo[p.index] == a) & ((hi[p.index] == b) | (a == 0))).nonzero().flatten()
+            b = int(hi[p.index][mine].max()) if a == 0 else b
+            # [n, width, d_model]: END's residual of a pass through every block (a frozen run's pass may stop there)
+            h = p.end[start][mine][:, None] if end_only and start in p.end else p.resid[start][mine, a:b + 1]
             kv = {} if frozen or not a else {l: (k[mine, :, :a], v[mine, :, :a]) for l, (k, v) in p.kv.items()
                                              if start <= l <= top}
             parts.append((p.index[mine], h, torch.full((len(mine),), a), kv))
     if frozen:  # every head frozen at one token: no token attends to another, so every prompt runs together
         parts = [(torch.cat([r for r, *_ in parts]), torch.cat([h for _, h, *_ in parts]),
                   torch.cat([q for _, _, q, _ in parts]), {})]
+    # an unedited run of the whole prompts through the final norm (e.g. path patching's baseline) keeps its pass
+    keep = ([], keeps_full(model, data, which, 0)) if unedited_whole and final and start == 0 else None
     for rows, h, first, kv in parts:
         _steps(model, data, which, conditions, read, rows, h, first, kv, start, top, final, stop, max_tokens,
-               reads_of, normed_of, frozen)
+               reads_of, normed_of, frozen, keep)
+    if keep is not None and len(keep[0]) == len(parts):
+        STORE.put(model, data, ("through", which, 0, keep[1], L - 1), keep[0])
     n = len(data)
     results = [Result({r: _assemble(reads_of[c][i], n) for i, r in enumerate(read)}) for c in range(len(conditions))]
     if logits is not None:
         _unembed_into(model, results, normed_of, logits, n)
     return results
+
+
+def _keeps_instead(model: Model, data: TaskData, which: Which) -> bool:
+    """Whether an unedited whole-prompt run from a higher block should run the whole model and keep its pass
+    instead: when no kept pass through every block at every position exists for these prompts, one fits
+    :data:`headcircuits.passes.FULL_BYTES`, and the store can keep it (no hook is active)."""
+    if hooks_active(model) or not keeps_full(model, data, which, 0):
+        return False
+    return STORE.get(model, data, lambda key: isinstance(key, tuple) and key[:2] == ("through", which)
+                     and key[2] == 0 and key[3] and key[4] == model.facts.n_layers - 1) is None
 
 
 def _validate(model, data, which, conditions, read, logits) -> None:
@@ -302,23 +334,28 @@ def _validate(model, data, which, conditions, read, logits) -> None:
 
 
 def _steps(model, data, which, conditions, read, rows, h, first, kv, start, top, final, stop, max_tokens, reads_of,
-           normed_of, frozen=False) -> None:
+           normed_of, frozen=False, keep=None) -> None:
     """The conditions over a group of prompts whose recomputed tokens are ``first[i] .. first[i] + width - 1``
     (``h``: the clean residual entering block ``start`` there, [n, width, d_model]; ``kv``: the earlier tokens'
     keys and values, every prompt of the group having the same ``first`` then), as many conditions per step as
     ``max_tokens`` allows. ``frozen`` (:func:`_all_frozen`): one token per prompt whose heads are all frozen, so no
-    copy attends to anything but itself and the prompts need not share a length."""
+    copy attends to anything but itself and the prompts need not share a length. ``keep``: ``(passes, full)``: an
+    unedited whole-prompt run through the final norm also records the clean pass the engine keeps (its
+    :class:`~headcircuits.passes.Pass` appended to ``passes``), so the runs that follow start from it."""
     n, width = h.shape[:2]
     device, dtype = h.device, h.dtype
     first = first.to(device)
     lo = 0 if frozen else int(first[0])  # the earlier tokens' keys and values every row attends to
-    copies = width == 1  # one token: the conditions side by side as copies of it, else as blocks of rows
+    # one token: the conditions side by side as copies of it (they share the earlier tokens' keys and values), else
+    # as blocks of rows (frozen: each row is its token alone)
+    copies = width == 1 and not frozen
     per_step = max(1, max_tokens // (n * width))
     for start_at in range(0, len(conditions), per_step):
         chunk = list(range(start_at, min(start_at + per_step, len(conditions))))
         C = len(chunk)
         layout = _Layout(copies, n, lo)
         view_positions = first[:, None] + torch.arange(width, device=device)
+        valid = view_positions < data.tokens(which).lengths[rows.cpu()].to(device)[:, None]  # not right padding
         if copies:
             x = h.expand(n, C, h.shape[-1]).contiguous()  # an expanded (stride 0) input slows every block down
             ids = view_positions.expand(n, C)
@@ -359,31 +396,40 @@ def _steps(model, data, which, conditions, read, rows, h, first, kv, start, top,
         def record(act, hook, i):
             for j, c in enumerate(chunk):
                 view = layout.view(read[i].kind, act, j)
-                reads_of[c][i].append((rows, _gather(read[i], view, data, rows, view_positions)))
+                reads_of[c][i].append((rows, _gather(read[i], view, data, rows, view_positions, valid)))
             done.add(i)
             if stop and len(done) == len(read):
                 raise Stop
             return act
 
         hooks += [(r.name, lambda act, hook, i=i: record(act, hook, i)) for i, r in enumerate(read)]
-        whole = lo == 0 and start == 0 and not copies  # whole prompts from the embeddings: the model's own forward
+        # whole prompts from the embeddings: the model's own forward, the same computation as the kept clean passes
+        # (so an unedited run equals them exactly); an unedited one through the final norm is itself kept
+        whole = lo == 0 and start == 0 and not frozen and not copies
         captured: dict[str, Tensor] = {}
         if whole and final:
             hooks.append((architecture.hook("final_out"), lambda act, hook: captured.setdefault("normed", act)))
         try:
-            with model.bridge.hooks(fwd_hooks=hooks):
-                if whole:  # the same computation as the kept clean passes (so an unedited run equals them exactly)
-                    architecture.base_model(model)(input_ids=data.tokens(which).ids[rows.cpu(), :width].repeat(C, 1)
-                                                   .to(device), use_cache=False)
+            if whole:
+                ids_of = data.tokens(which).ids[rows.cpu(), :width].repeat(C, 1).to(device)
+                if keep is not None and final and C == 1 and not conditions[chunk[0]]:
+                    resid, end, kv = clean_pass(model, ids_of, 0, True, keep[1], hooks,
+                                                last=(data.tokens(which).lengths[rows.cpu()] - 1).to(device))
+                    keep[0].append(Pass(rows, width, 0, resid, end, kv))
                 else:
+                    with model.bridge.hooks(fwd_hooks=hooks):
+                        architecture.base_model(model)(input_ids=ids_of, use_cache=False)
+                normed = captured.get("normed")
+            else:
+                with model.bridge.hooks(fwd_hooks=hooks):
                     for layer in range(start, top + 1):
                         x = architecture.run_block(model, layer, x, ids, mask, cache)
-                if final:
-                    normed = captured["normed"] if whole else architecture.final_norm(model, x)
-                    column = data.at("END", which)[rows.cpu()].to(device) - first  # END's column in the window
-                    for j, c in enumerate(chunk):
-                        normed_of[c].append((rows, layout.view("other", normed, j)[torch.arange(n, device=device),
-                                                                                   column]))
+                    normed = architecture.final_norm(model, x) if final else None
+            if final:
+                column = data.at("END", which)[rows.cpu()].to(device) - first  # END's column in the window
+                for j, c in enumerate(chunk):
+                    normed_of[c].append((rows, layout.view("other", normed, j)[torch.arange(n, device=device),
+                                                                               column]))
         except Stop:
             pass
 

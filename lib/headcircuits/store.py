@@ -149,6 +149,16 @@ class PassStore:
                 return entry.value
         return None
 
+    def keys(self, model: Model, data: TaskData, matches: Callable[[Hashable], bool]) -> list[Hashable]:
+        """The keys kept for ``model`` and ``data`` (unchanged) that ``matches`` accepts, most recently used first;
+        none while a hook is active on the model."""
+        if hooks_active(model):
+            return []
+        self._drop_dead()
+        versions = _versions(model, data)
+        return [e.key for e in self._entries if e.model() is model and e.data() is data and e.versions == versions
+                and matches(e.key)]
+
     def put(self, model: Model, data: TaskData, key: Hashable, value: Any) -> bool:
         """Keep ``value`` for ``model``, ``data`` and ``key`` (replacing an entry with the same key), dropping the
         least recently used entries beyond the budget. Nothing is kept while a hook is active on the model.
