@@ -27,7 +27,7 @@ def plain_run(model, data, edits=(), reads=(), which="clean"):
     """The oracle of the engine: one plain hooked forward pass of the whole model per prompt (no padding, no kept
     pass), the edits' own hooks over every position; returns ``(END logits [batch, vocab], {read: [per prompt]})``
     with each read taken as :func:`headcircuits.engine.run` takes it."""
-    from headcircuits.engine import _gather
+    from headcircuits.readout import gather
 
     tokens = data.tokens(which)
     end = data.at("END", which)
@@ -38,7 +38,7 @@ def plain_run(model, data, edits=(), reads=(), which="clean"):
         positions = torch.arange(n, device=model.device)[None]
         hooks = [hk for e in edits for hk in e.hooks(data, rows, positions)]
         for r in reads:
-            hooks.append((r.name, lambda x, hook, r=r: got[r].append(_gather(r, x, data, rows, positions)) or x))
+            hooks.append((r.name, lambda x, hook, r=r: got[r].append(gather(r, x, data, rows, positions)) or x))
         out = model.bridge.run_with_hooks(tokens.ids[i:i + 1, :n].to(model.device), fwd_hooks=hooks)
         logits.append(out[0, end[i]].float().cpu())
     return torch.stack(logits), {r: v for r, v in got.items()}

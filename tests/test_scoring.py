@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from headcircuits import engine, scoring
+from headcircuits import engine, readout, scoring
 from headcircuits.tasks import ioi
 
 
@@ -88,7 +88,7 @@ def test_end_logits_skip_the_unembedding_of_other_positions_but_equal_the_full_l
     data = ioi.generate(tiny, 5, seed=2)
     full = tiny.logits(data.clean)[torch.arange(5), data.positions["END"]]
     torch.testing.assert_close(scoring.end_logits(tiny, data), full, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(engine, "UNEMBED_ROWS", 2)  # the unembedding in chunks that cut across the length groups
+    monkeypatch.setattr(readout, "UNEMBED_ROWS", 2)  # the unembedding in chunks that cut across the length groups
     torch.testing.assert_close(scoring.end_logits(tiny, data), full, rtol=1e-5, atol=1e-5)
     columns = torch.stack([data.answer, data.distractor], 1)
     picked = engine.run(tiny, data, logits=columns)[0].logits

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headcircuits import channels, engine, passes, scoring, traversal, weights
+from headcircuits import channels, engine, passes, readout, scoring, traversal, weights
 from headcircuits.engine import Read
 from headcircuits.store import STORE
 from headcircuits.tasks import laundry_list
@@ -58,7 +58,7 @@ def test_reading_the_channel_then_traversing_then_fixing_runs_one_clean_pass(tin
     STORE.clear()
     channel.coefficients(tiny, data)
     first = len(calls)
-    assert first == len(engine.length_groups(data)) > 1 and set(calls) == {0}  # a pass per length group, from
+    assert first == len(passes.length_groups(data)) > 1 and set(calls) == {0}  # a pass per length group, from
     # the channel's lowest block
     points = torch.tensor([[0.5, -1.0, 2.0, 0.0], [-2.0, 1.0, 0.0, 3.0]])
     traversal.traverse(tiny, data, channel, points, (2, 1), ["ITEM_0", "ITEM_1"], progress=False)
@@ -79,7 +79,7 @@ def test_the_fix_can_unembed_the_listed_items_only(tiny, monkeypatch):
     channel = channels.Channel.pick(w, {(1, 0): [0], (2, 3): [1]}, offsets=weights.value_offsets(tiny))
     values = [None, torch.randn(len(data), 2) * 3, torch.tensor([4.0, -4.0])]
     whole = traversal.end_logits_under(tiny, data, channel, values)
-    monkeypatch.setattr(engine, "UNEMBED_ROWS", 4)
+    monkeypatch.setattr(readout, "UNEMBED_ROWS", 4)
     picked = traversal.end_logits_under(tiny, data, channel, values, columns=items)
     for full, few in zip(whole, picked):
         assert few.shape == items.shape

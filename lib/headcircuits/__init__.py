@@ -11,8 +11,9 @@ Modules named after what the papers do, over a neutral core (an import only goes
   (results on disk);
 * Circuit Component Reuse: ``path_patching`` (the papers' loop and the fast path), ``circuits`` (discovery,
   overlap), ``head_classes`` (what each head does, the IOI roles), ``repair`` (its section 5);
-* Talking Heads: ``weights`` (SVD of the heads, composition scores), ``channels``, ``inhibition`` (the score and
-  the weight edit), ``traversal`` (the grid, its regions and the oracle fix);
+* Talking Heads: ``weights`` (the heads' factored OV and QK, their SVD), ``composition`` (composition scores),
+  ``channels``, ``inhibition`` (the score and the weight edit), ``traversal`` (the grid, its regions and the oracle
+  fix);
 * the book: ``stats``, ``report``, ``plots``, ``exercises``, ``execution``, ``book``, ``cli``, ``standalone``,
   ``progress``.
 """

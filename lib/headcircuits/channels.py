@@ -164,7 +164,7 @@ class ChannelReplacement(Edit):
 
 def channel_components(weights, heads, mover: Head) -> dict[Head, int]:
     """Each head's *channel* component (Talking Heads §3): the rank-1 OV component whose written direction the
-    mover's queries read most (:func:`headcircuits.weights.component_scores`, Q-composition), e.g. 8.10.1 for 9.9.
+    mover's queries read most (:func:`headcircuits.composition.component_scores`, Q-composition), e.g. 8.10.1 for 9.9.
 
     Args:
         weights: the model's :class:`~headcircuits.weights.HeadWeights`.
@@ -174,7 +174,7 @@ def channel_components(weights, heads, mover: Head) -> dict[Head, int]:
     Returns:
         ``{head: component}`` for the heads below the mover.
     """
-    from headcircuits.weights import component_scores
+    from headcircuits.composition import component_scores
 
     return {tuple(h): int(component_scores(weights, tuple(h), mover, "Q").argmax()) for h in heads if h[0] < mover[0]}
 
@@ -201,7 +201,7 @@ def paper_subspace(weights, components: dict, effects: dict, size: int = 3, offs
 def duplicate_channel(weights, candidates, receiver: Head, component: int, size: int = 2) -> tuple[Head, list[int]]:
     """The duplicate channel (Talking Heads §4): among ``candidates`` (duplicate-token / induction heads below the
     ``receiver``), the head whose top ``size`` OV components value-compose most with the receiver's channel
-    ``component`` (:func:`headcircuits.weights.component_to_component`, summed over the ``size`` best), and those
+    ``component`` (:func:`headcircuits.composition.component_to_component`, summed over the ``size`` best), and those
     components (GPT-2 small: 3.0.1 and 3.0.2 into 7.9.6).
 
     Args:
@@ -214,7 +214,7 @@ def duplicate_channel(weights, candidates, receiver: Head, component: int, size:
     Returns:
         ``(head, [components])``.
     """
-    from headcircuits.weights import component_to_component
+    from headcircuits.composition import component_to_component
 
     best = None
     for head in candidates:

@@ -16,11 +16,12 @@ an empty list being the clean run), reads some activations (:class:`Read`) and p
   they are written once for both modes.
 * Otherwise **every position**, from the lowest edited block up, once per condition.
 
-Written once, inside the engine: prompts are grouped by length (no padding: a group runs as one batch of equal
-prompts), masks and position ids, the kept clean pass, reading then stopping after the highest block read
-(nothing above it runs: on Gemma-3 the 262k-column unembedding costs more than the blocks), the unembedding at
-END only, in chunks of rows (:data:`UNEMBED_ROWS`), of the whole vocabulary or of listed columns only, and every
-result returned in the data's order, on the CPU.
+Written once, inside the engine: the prompts' batches (prompts of one length, and neighbouring lengths while
+they are few, right-padded: :func:`headcircuits.passes.length_groups`), masks and position ids, the kept clean
+pass (through the highest block a run reads, extended upwards when a later run reads higher), reading then
+stopping after the highest block read (nothing above it runs: on Gemma-3 the 262k-column unembedding costs more
+than the blocks), the unembedding at END only, in chunks of rows (:data:`headcircuits.readout.UNEMBED_ROWS`), of
+the whole vocabulary or of listed columns only, and every result returned in the data's order, on the CPU.
 
 Exactness: every mode is tested equal to the plain hooked forward pass (``model.bridge.run_with_hooks``) with the
 same edits on every tiny family, with prompts of mixed lengths (``tests/test_engine.py``); the differences are
@@ -33,19 +34,17 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
 from headcircuits.edits import Edit
 from headcircuits.models import architecture
 from headcircuits.models.core import Model
-from headcircuits.passes import Pass, Prefix, Stop, Which, clean_pass, keeps_full, kept_passes, length_groups  # noqa: F401
+from headcircuits.passes import Pass, Prefix, Stop, Which, clean_pass, keeps_full, kept_passes
+from headcircuits.readout import Layout, assemble, gather, kind_of, unembed_into
 from headcircuits.store import STORE, hooks_active
 from headcircuits.tasks.base import TaskData
 
-#: rows per product of the unembedding: a large vocabulary's product is bound by reading W_U (one row costs about
-#: as much as 13 with Gemma-3's 262,144 columns on 2 CPU cores) until some 256 rows share a read
-UNEMBED_ROWS = 256
 
 @dataclass(frozen=True)
 class Read:
@@ -98,101 +97,6 @@ def end_is_last(data: TaskData, which: Which = "clean") -> bool:
         Whether END is every prompt's last token.
     """
     return bool((data.at("END", which) == data.tokens(which).lengths - 1).all())
-
-
-# --- views: each condition's part of an activation ----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Layout:
-    """How a step lays out its conditions: ``copies`` side by side along the positions (one recomputed token,
-    copy ``j`` at column ``j``, its own key at ``prefix + j``), else one block of ``n`` rows each."""
-
-    copies: bool
-    n: int
-    prefix: int
-
-    def view(self, kind: str, x: Tensor, j: int) -> Tensor:
-        if not self.copies:
-            return x[j * self.n:(j + 1) * self.n]
-        if kind != "pattern":
-            return x[:, j:j + 1]
-        row = x[:, :, j:j + 1]  # [n, heads, 1, prefix + copies]
-        return torch.cat([row[..., :self.prefix], row[..., self.prefix + j:self.prefix + j + 1]], dim=-1)
-
-    def put(self, kind: str, x: Tensor, j: int, value: Tensor) -> None:
-        if not self.copies:
-            x[j * self.n:(j + 1) * self.n] = value
-        elif kind != "pattern":
-            x[:, j:j + 1] = value
-        else:
-            x[:, :, j:j + 1, :self.prefix] = value[..., :self.prefix]
-            x[:, :, j:j + 1, self.prefix + j:self.prefix + j + 1] = value[..., self.prefix:]
-
-
-def _kind(name: str) -> str:
-    return "pattern" if name == architecture.hook("pattern", architecture.layer_of(name) or 0) else "other"
-
-
-def _gather(read: Read, x: Tensor, data: TaskData, rows: Tensor, positions: Tensor,
-            valid: Tensor | None = None) -> Tensor:
-    """What ``read`` keeps of one condition's activation ``x`` ([rows, columns, ...]; patterns [rows, heads,
-    columns, keys]) whose columns hold ``positions`` (``valid``: not right padding, which is read as 0), on the
-    CPU."""
-    index = torch.arange(len(rows), device=x.device)
-    if read.at is None and valid is not None and not valid.all():
-        keep = (valid[:, None, :, None] & valid[:, None, None, :]) if read.kind == "pattern" else \
-            valid.reshape(*valid.shape, *[1] * (x.dim() - 2))
-        x = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    if read.at is not None:
-        target = data.at(read.at)[rows.cpu()].to(positions.device)
-        column = (positions == target[:, None]).float().argmax(1)
-        x = x[index, :, column] if read.kind == "pattern" else x[index, column]
-    if read.keys:
-        keys = torch.stack([data.at(k)[rows.cpu()] for k in read.keys], 1).to(x.device)  # [rows, n_keys]
-        shape = (-1, x.shape[1], -1) if read.at is not None else (-1, x.shape[1], x.shape[2], -1)
-        x = x.gather(-1, (keys[:, None] if read.at is not None else keys[:, None, None]).expand(*shape))
-    if read.head is not None:
-        x = x.select(1 if read.kind == "pattern" or read.at is not None else 2, read.head)
-    return _public(x)
-
-
-def _public(x: Tensor) -> Tensor:
-    """A result as it leaves the engine: on the CPU, in float32 (float64 when the model runs in float64)."""
-    x = x.detach()
-    return (x if x.dtype == torch.float64 else x.float()).cpu()
-
-
-def _assemble(parts: list[tuple[Tensor, Tensor]], n: int) -> Tensor:
-    """Rows from ``(index, values)`` parts into one tensor in data order, zero-padded where shapes differ."""
-    shape = [max(p[1].shape[d] for p in parts) for d in range(1, parts[0][1].dim())]
-    out = torch.zeros(n, *shape, dtype=parts[0][1].dtype)
-    for index, values in parts:
-        out[(index, *(slice(0, s) for s in values.shape[1:]))] = values
-    return out
-
-
-def unembed(model: Model, normed: Float[Tensor, "rows d_model"], columns: Int[Tensor, "rows k"] | None = None
-            ) -> Float[Tensor, "rows k"]:
-    """Logits from the final norm's output: all of them, or only ``columns`` per row; the model's final logit
-    soft-capping is applied if it has one (so this equals the model's own logits).
-
-    Args:
-        model: the model.
-        normed: ``[rows, d_model]``, the final norm's output.
-        columns: ``[rows, k]`` token ids, or ``None`` for the whole vocabulary.
-
-    Returns:
-        ``[rows, vocab or k]`` logits.
-    """
-    W_U, b_U = model.bridge.W_U.detach(), model.bridge.b_U.detach()
-    normed = normed.to(W_U.device)
-    if columns is None:
-        logits = torch.cat([rows @ W_U + b_U for rows in normed.split(UNEMBED_ROWS)]) if len(normed) else normed @ W_U
-    else:
-        columns = columns.to(W_U.device)
-        logits = torch.einsum("bd,dbk->bk", normed, W_U[:, columns]) + b_U[columns]
-    cap = getattr(model.bridge.original_model.config, "final_logit_softcapping", None)
-    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
@@ -286,17 +190,19 @@ def run(
     if frozen:  # every head frozen at one token: no token attends to another, so every prompt runs together
         parts = [(torch.cat([r for r, *_ in parts]), torch.cat([h for _, h, *_ in parts]),
                   torch.cat([q for _, _, q, _ in parts]), {})]
-    # an unedited run of the whole prompts through the final norm (e.g. path patching's baseline) keeps its pass
-    keep = ([], keeps_full(model, data, which, 0)) if unedited_whole and final and start == 0 else None
+    # an unedited run of the whole clean prompts through the final norm (e.g. path patching's baseline) keeps its
+    # pass (the counterfactual prompts' is run once: no later run starts from it)
+    keep = ([], keeps_full(model, data, which, 0)) if (unedited_whole and final and start == 0
+                                                       and which == "clean") else None
     for rows, h, first, kv in parts:
         _steps(model, data, which, conditions, read, rows, h, first, kv, start, top, final, stop, max_tokens,
                reads_of, normed_of, frozen, keep)
     if keep is not None and len(keep[0]) == len(parts):
         STORE.put(model, data, ("through", which, 0, keep[1], L - 1), keep[0])
     n = len(data)
-    results = [Result({r: _assemble(reads_of[c][i], n) for i, r in enumerate(read)}) for c in range(len(conditions))]
+    results = [Result({r: assemble(reads_of[c][i], n) for i, r in enumerate(read)}) for c in range(len(conditions))]
     if logits is not None:
-        _unembed_into(model, results, normed_of, logits, n)
+        unembed_into(model, results, normed_of, logits, n)
     return results
 
 
@@ -353,7 +259,7 @@ def _steps(model, data, which, conditions, read, rows, h, first, kv, start, top,
     for start_at in range(0, len(conditions), per_step):
         chunk = list(range(start_at, min(start_at + per_step, len(conditions))))
         C = len(chunk)
-        layout = _Layout(copies, n, lo)
+        layout = Layout(copies, n, lo)
         view_positions = first[:, None] + torch.arange(width, device=device)
         valid = view_positions < data.tokens(which).lengths[rows.cpu()].to(device)[:, None]  # not right padding
         if copies:
@@ -383,7 +289,7 @@ def _steps(model, data, which, conditions, read, rows, h, first, kv, start, top,
             continue
         hooks, composed_of = [], {}
         for name, fns in by_name.items():
-            def composed(act, hook, fns=fns, kind=_kind(name)):
+            def composed(act, hook, fns=fns, kind=kind_of(name)):
                 act = act.clone()
                 for j, fn in fns:
                     layout.put(kind, act, j, fn(layout.view(kind, act, j), hook))
@@ -396,7 +302,7 @@ def _steps(model, data, which, conditions, read, rows, h, first, kv, start, top,
         def record(act, hook, i):
             for j, c in enumerate(chunk):
                 view = layout.view(read[i].kind, act, j)
-                reads_of[c][i].append((rows, _gather(read[i], view, data, rows, view_positions, valid)))
+                reads_of[c][i].append((rows, gather(read[i], view, data, rows, view_positions, valid)))
             done.add(i)
             if stop and len(done) == len(read):
                 raise Stop
@@ -467,18 +373,3 @@ def _frozen_normed(model, edits: list[Edit], rows: Tensor, h: Tensor, start: int
         mlp = None if parts[0][1] is None else torch.cat([m for _, m in parts]).to(x)
         x = architecture.mlp_only_block(model, layer, x, architecture.attention_output(model, layer, z), mlp)
     return architecture.final_norm(model, x)
-
-
-def _unembed_into(model, results, normed_of, logits, n) -> None:
-    """Every condition's END logits, the unembedding taking all their rows together, :data:`UNEMBED_ROWS` at a
-    time (a group of one length is often a few prompts), each chunk written straight to its rows."""
-    width = model.facts.d_vocab if isinstance(logits, str) else logits.shape[1]
-    rows = torch.cat([torch.cat([v for _, v in part]) for part in normed_of])
-    target = torch.cat([c * n + torch.cat([i for i, _ in part]) for c, part in enumerate(normed_of)])
-    out = torch.zeros(len(results) * n, width, dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32)
-    for first in range(0, len(rows), UNEMBED_ROWS):
-        chunk = slice(first, first + UNEMBED_ROWS)
-        picked = None if isinstance(logits, str) else logits[target[chunk] % n].clamp(min=0)
-        out[target[chunk]] = _public(unembed(model, rows[chunk], picked))
-    for result, part in zip(results, out.split(n)):
-        result.logits = part

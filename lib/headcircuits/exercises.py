@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from headcircuits import circuits, path_patching, repair, scoring, weights
+from headcircuits import circuits, composition, path_patching, repair, scoring, weights
 from headcircuits.models import load_model
 from headcircuits.models.core import Model
 from headcircuits.tasks import ioi
@@ -199,7 +199,7 @@ def check_composition_score(fn: Callable, *, verbose: bool = True) -> Check:
     model's heads."""
     for name in ("tiny-gpt2", "tiny-llama"):
         w = weights.from_model(_tiny(name))
-        scores = weights.composition_scores(w, "Q")
+        scores = composition.composition_scores(w, "Q")
         pairs = [(0, 1, 1, 2), (0, 3, 2, 0), (1, 2, 2, 3)]
         for ls, hs, lr, hr in pairs:
             ov = (w.W_V[ls, hs] @ w.W_O[ls, hs]).double()

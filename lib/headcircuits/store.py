@@ -32,7 +32,7 @@ from headcircuits.models.core import Model
 from headcircuits.tasks.base import TaskData
 
 #: the default budget of :data:`STORE`, in bytes of tensor storage
-BUDGET = 2**30
+BUDGET = 2**29
 
 
 @dataclass
