@@ -275,8 +275,7 @@ def _steps(model, data, which, conditions, read, rows, h, first, kv, start, top,
             ids = view_positions.repeat(C, 1)
             mask = torch.full((width, lo + width), torch.finfo(dtype).min, dtype=dtype, device=device).triu(lo + 1)
             mask = mask[None, None].expand(C * n, 1, width, lo + width)
-            cache = Prefix({l: (k.repeat(C, 1, 1, 1), v.repeat(C, 1, 1, 1)) for l, (k, v) in kv.items()}, lo) \
-                if lo else None
+            cache = Prefix(kv, lo, times=C) if lo else None
         by_name: dict[str, list[tuple[int, object]]] = {}
         for j, c in enumerate(chunk):
             for e in conditions[c]:

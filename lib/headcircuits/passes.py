@@ -250,14 +250,24 @@ def _extend(model: Model, p: Pass, t0: int, top: int, full: bool, last: Tensor) 
 
 class Prefix:
     """The keys and values of the tokens before the recomputed ones, per block, read but never extended: every
-    rerun reuses them (duck-typed on the two methods Hugging Face's attention calls)."""
+    rerun reuses them (duck-typed on the two methods Hugging Face's attention calls). With ``times``, the rows run
+    as ``times`` blocks of the prompts (one block per condition) and each block attends to the same prefix: it is
+    laid out for one block at a time as the attention asks for it, never held repeated for every block."""
 
-    def __init__(self, kv: dict[int, tuple[Tensor, Tensor]], length: int):
-        self.kv, self.length = kv, length
+    def __init__(self, kv: dict[int, tuple[Tensor, Tensor]], length: int, times: int = 1):
+        self.kv, self.length, self.times = kv, length, times
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = self.kv[layer_idx]
-        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+        return tuple(self._joined(kept, new) for kept, new in zip(self.kv[layer_idx], (key_states, value_states)))
+
+    def _joined(self, kept: Tensor, new: Tensor) -> Tensor:
+        if self.times == 1:
+            return torch.cat([kept, new], dim=-2)
+        n, heads, _, d = kept.shape
+        out = torch.empty(self.times * n, heads, self.length + new.shape[-2], d, dtype=new.dtype, device=new.device)
+        out.view(self.times, n, heads, -1, d)[..., :self.length, :] = kept  # broadcast over the blocks
+        out[..., self.length:, :] = new
+        return out
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
