@@ -40,7 +40,8 @@ from torch import Tensor
 from headcircuits.edits import Edit
 from headcircuits.models import architecture
 from headcircuits.models.core import Model
-from headcircuits.passes import Pass, Prefix, Stop, Which, clean_pass, keeps_full, kept_passes
+from headcircuits.passes import (Pass, PassKey, Prefix, Stop, Which, causal_mask, clean_pass, keeps_full,
+                                 kept_passes)
 from headcircuits.readout import Layout, assemble, gather, kind_of, unembed_into
 from headcircuits.store import STORE, hooks_active
 from headcircuits.tasks.base import TaskData
@@ -198,7 +199,7 @@ def run(
         _steps(model, data, which, conditions, read, rows, h, first, kv, start, top, final, stop, max_tokens,
                reads_of, normed_of, frozen, keep)
     if keep is not None and len(keep[0]) == len(parts):
-        STORE.put(model, data, ("through", which, 0, keep[1], L - 1), keep[0])
+        STORE.put(model, data, PassKey("through", which, 0, keep[1], L - 1), keep[0])
     n = len(data)
     results = [Result({r: assemble(reads_of[c][i], n) for i, r in enumerate(read)}) for c in range(len(conditions))]
     if logits is not None:
@@ -212,8 +213,8 @@ def _keeps_instead(model: Model, data: TaskData, which: Which) -> bool:
     :data:`headcircuits.passes.FULL_BYTES`, and the store can keep it (no hook is active)."""
     if hooks_active(model) or not keeps_full(model, data, which, 0):
         return False
-    return STORE.get(model, data, lambda key: isinstance(key, tuple) and key[:2] == ("through", which)
-                     and key[2] == 0 and key[3] and key[4] == model.facts.n_layers - 1) is None
+    whole = PassKey("through", which, 0, True, model.facts.n_layers - 1)
+    return STORE.get(model, data, lambda key: key == whole) is None
 
 
 def _validate(model, data, which, conditions, read, logits) -> None:
@@ -273,8 +274,7 @@ def _steps(model, data, which, conditions, read, rows, h, first, kv, start, top,
         else:
             x = h.repeat(C, 1, 1)
             ids = view_positions.repeat(C, 1)
-            mask = torch.full((width, lo + width), torch.finfo(dtype).min, dtype=dtype, device=device).triu(lo + 1)
-            mask = mask[None, None].expand(C * n, 1, width, lo + width)
+            mask = causal_mask(width, lo, dtype, device)[None, None].expand(C * n, 1, width, lo + width)
             cache = Prefix(kv, lo, times=C) if lo else None
         by_name: dict[str, list[tuple[int, object]]] = {}
         for j, c in enumerate(chunk):

@@ -11,7 +11,7 @@ starts there.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -80,6 +80,24 @@ class Pass:
     resid: dict[int, Tensor]  # block -> [n, length, d_model]
     end: dict[int, Tensor]  # block -> [n, d_model]
     kv: dict[int, tuple[Tensor, Tensor]]  # block -> ([n, kv heads, length, d_head], same)
+
+
+class PassKey(NamedTuple):
+    """What a kept pass holds, as the store's key: ``through`` (every token's keys and values and END's residual of
+    the blocks ``start`` .. ``top``) or ``upto`` (the residual entering ``start`` alone), of the ``which`` prompts,
+    with ``full``: the residual at every position entering every block ``start`` .. ``top``."""
+
+    kind: Literal["through", "upto"]
+    which: Which
+    start: int
+    full: bool
+    top: int
+
+
+def causal_mask(width: int, prefix: int, dtype: torch.dtype, device) -> Tensor:
+    """``[width, prefix + width]`` additive mask: each of ``width`` recomputed tokens sees the ``prefix`` earlier
+    tokens and the recomputed ones up to itself."""
+    return torch.full((width, prefix + width), torch.finfo(dtype).min, dtype=dtype, device=device).triu(prefix + 1)
 
 
 def check_window(model: Model, length: int) -> None:
@@ -175,25 +193,26 @@ def kept_passes(model: Model, data: TaskData, which: Which, start: int, through:
     """
     top = model.facts.n_layers - 1 if top is None else top
 
-    def starts(key, t0) -> bool:  # END's residual is kept entering s0 .. t0 + 1, with `full` all of s0 .. t0
-        kind, w, s0, full, _ = key
-        return w == which and (s0 == start or (kind == "through" and s0 < start and (
-            (end_only and start <= t0 + 1) or (full and start <= t0))))
+    def starts(key: PassKey, top_kept: int) -> bool:  # END's residual is kept entering start .. top_kept + 1,
+        # with `full` every position's entering start .. top_kept
+        return key.which == which and (key.start == start or (key.kind == "through" and key.start < start and (
+            (end_only and start <= top_kept + 1) or (key.full and start <= top_kept))))
 
-    def serves(key) -> bool:
-        return starts(key, key[4]) and (not through or (key[0] == "through" and key[4] >= top))
+    def serves(key: PassKey) -> bool:
+        return starts(key, key.top) and (not through or (key.kind == "through" and key.top >= top))
 
-    kept = STORE.get(model, data, lambda key: isinstance(key, tuple) and len(key) == 5 and serves(key))
+    kept = STORE.get(model, data, lambda key: isinstance(key, PassKey) and serves(key))
     if kept is not None:
         return kept
     if through:  # a pass through fewer blocks runs the missing ones only
-        lower = lambda key: (isinstance(key, tuple) and len(key) == 5 and key[0] == "through"  # noqa: E731
-                             and key[4] < top and starts(key, top))
-        for key in STORE.keys(model, data, lower):
+        lower = STORE.keys(model, data, lambda key: isinstance(key, PassKey) and key.kind == "through"
+                           and key.top < top and starts(key, top))
+        if lower:
+            key = lower[0]
             kept = STORE.get(model, data, lambda k: k == key)
             for p in kept:
-                _extend(model, p, key[4], top, key[3], data.tokens(which).lengths[p.index] - 1)
-            STORE.put(model, data, (*key[:4], top), kept)
+                _extend(model, p, key.top, top, key.full, data.tokens(which).lengths[p.index] - 1)
+            STORE.put(model, data, key._replace(top=top), kept)
             return kept
     tokens, passes = data.tokens(which), []
     full = through and not end_only and keeps_full(model, data, which, start)  # END alone: END is enough
@@ -206,7 +225,8 @@ def kept_passes(model: Model, data: TaskData, which: Which, start: int, through:
         end = {l: torch.cat([p[1][l] for p in parts]) for l in parts[0][1]}
         kv = {l: (torch.cat([p[2][l][0] for p in parts]), torch.cat([p[2][l][1] for p in parts])) for l in parts[0][2]}
         passes.append(Pass(index, length, start, resid, end, kv))
-    STORE.put(model, data, ("through" if through else "upto", which, start, full, top if through else start), passes)
+    STORE.put(model, data, PassKey("through" if through else "upto", which, start, full, top if through else start),
+              passes)
     return passes
 
 
@@ -236,7 +256,7 @@ def _extend(model: Model, p: Pass, t0: int, top: int, full: bool, last: Tensor) 
     device = x.device
     rows, last = torch.arange(n, device=device), last.to(device)
     ids = torch.arange(width, device=device).expand(n, width)
-    mask = torch.full((width, width), torch.finfo(x.dtype).min, dtype=x.dtype, device=device).triu(1)
+    mask = causal_mask(width, 0, x.dtype, device)
     recorder = _Recorder()
     for layer in range(t0 + 1, top + 1):
         if full:
