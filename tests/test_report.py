@@ -17,13 +17,22 @@ NO = stats.judge(stats.Estimate(-0.5, -0.6, -0.4, 100))
 def test_a_finding_takes_a_verdict_of_the_rule_and_each_claim_appears_once_per_model():
     rows = [report.finding("c", m, "p", "o", YES) for m in ("a", "b")]
     table = report.findings(rows)
-    assert list(table.columns) == list(report.COLUMNS) and table.verdict.tolist() == ["reproduces"] * 2
+    assert list(table.columns) == [*report.COLUMNS, report.MEASURED] and table.verdict.tolist() == ["reproduces"] * 2
+    # the hidden column keeps what the verdict was judged on, and the book's table does not show it
+    assert json.loads(rows[0][report.MEASURED]) == {
+        "outcome": "reproduces", "reason": "", "estimate": 0.5, "low": 0.4, "high": 0.6, "n": 100, "null": 0.0,
+        "paper_value": None, "direction": "above"}
+    html = report.shown(table).to_html()
+    assert "0.4" not in html and "measured" not in html and ">o<" in html
+    untestable = stats.judge(None, preconditions=[stats.require(False, "a mover")])
+    assert json.loads(report.finding("c", "a", "p", "o", untestable)[report.MEASURED])["estimate"] is None
     with pytest.raises(ValueError, match="appears twice for a"):
         report.findings(rows + [report.finding("c", "a", "p", "o", NO)])
     with pytest.raises(TypeError, match="stats.judge"):
         report.finding("c", "a", "p", "o", "reproduces")
     with pytest.raises(ValueError, match="not one of"):
-        report.findings([{"claim": "c", "model": "a", "paper": "p", "ours": "o", "verdict": "for some heads"}])
+        report.findings([{"claim": "c", "model": "a", "paper": "p", "ours": "o", "verdict": "for some heads",
+                          report.MEASURED: "{}"}])
     with pytest.raises(ValueError, match="exactly the keys"):
         report.findings([{"claim": "c", "paper": "p", "ours": "o", "verdict": "reproduces"}])
 

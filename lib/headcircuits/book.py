@@ -184,15 +184,26 @@ INSTRUCTOR_BANNER = ("```{admonition} Instructor edition\n:class: warning\nThis 
                      "solutions and the checkers' outputs. Give students the student edition.\n```\n\n")
 
 
-def stage_sources(root: Path, executed: Iterable[Path], stage: Path, which: str = "student") -> None:
+def stage_sources(root: Path, executed: Iterable[Path], stage: Path, which: str = "student",
+                  run: dict | None = None) -> None:
     """Lay out what Sphinx reads for one edition (see :func:`edition`): config, pages, executed notebooks,
-    vendored JS."""
+    vendored JS. ``run``: a ``headcircuits reproduce`` scorecard (:func:`headcircuits.scorecard.load`) whose
+    verdicts become a column of the book's scorecard."""
+    executed = list(executed)
     if stage.exists():
         shutil.rmtree(stage)
     shutil.copytree(root / "book", stage / "book", ignore=shutil.ignore_patterns("notebooks", "_build", "_css"))
     shutil.copy2(root / "_config.yml", stage / "_config.yml")
+    intro = stage / "book" / "intro.md"
+    if run is not None:
+        from headcircuits import scorecard
+
+        text = scorecard.with_run(intro.read_text(), {nb.stem: nb for nb in executed}, run)
+        note = (f"The last two columns come from a run of `headcircuits reproduce` ({scorecard.label(run['provenance'])}; "
+                f"{run['provenance']['wall_seconds'] / 3600:.1f} h): the same chapters and verdict rule at the "
+                "sizes of {ref}`Running it yourself <at-the-papers-scale>`.")
+        intro.write_text(text.replace("\n## Scorecard\n", f"\n## Scorecard\n\n{note}\n", 1))
     if which == "instructor":
-        intro = stage / "book" / "intro.md"
         title, _, rest = intro.read_text().partition("\n")
         intro.write_text(f"{title}\n\n{INSTRUCTOR_BANNER}{rest}")
     (stage / "book" / "notebooks").mkdir(parents=True, exist_ok=True)
@@ -210,7 +221,10 @@ def stage_sources(root: Path, executed: Iterable[Path], stage: Path, which: str 
         (stage / "book" / "notebooks" / nb.name).write_text(json.dumps(with_time, indent=1, ensure_ascii=False))
     (stage / "book" / "execution_report.md").write_text(execution_report(records))
     running = stage / "book" / "running.md"
-    running.write_text(measured_page(running.read_text(), records))
+    from headcircuits.reproduce import scale_table
+
+    running.write_text(measured_page(running.read_text(), records).replace("{{ paper_scale_table }}",
+                                                                           scale_table(root)))
     # not "_static": Jupyter Book 1 would add every .js under it to every page (all of MathJax's extensions)
     vendor_assets(stage / "_vendor")
     shutil.copy2(root / "book" / "_css" / "headcircuits.css", stage / "_vendor" / "headcircuits.css")
@@ -234,18 +248,19 @@ def render(*builds: tuple[Path, Path]) -> None:
             raise subprocess.CalledProcessError(proc.returncode, cmd)
 
 
-def build(root: Path, out: Path, parameters: dict | None = None, *, log=print) -> Path:
+def build(root: Path, out: Path, parameters: dict | None = None, *, log=print, run: dict | None = None) -> Path:
     """Execute every notebook of the table of contents once and render the book twice: the student edition
     (returned: ``out/_build/html``) and the instructor edition with the exercises' solutions
     (``out/_build/html-instructor``); executed notebooks in ``out/_build/executed``, staged sources in
-    ``out/_build/source`` and ``source-instructor``."""
+    ``out/_build/source`` and ``source-instructor``. ``run``: a ``headcircuits reproduce`` scorecard whose
+    verdicts become a column of the book's scorecard (see :func:`stage_sources`)."""
     start = time.perf_counter()
     work = out / "_build"
     executed = execute_notebooks(notebooks_in_toc(root), work / "executed", parameters, log=log)
     report.scorecard(executed)  # each claim once per model across the chapters (raises, naming both chapters)
-    stage_sources(root, executed, work / "source", "student")
+    stage_sources(root, executed, work / "source", "student", run)
     # the instructor edition: the same executed notebooks, solutions shown, into _build/html-instructor
-    stage_sources(root, executed, work / "source-instructor", "instructor")
+    stage_sources(root, executed, work / "source-instructor", "instructor", run)
     render((work / "source", out), (work / "source-instructor", work / "instructor"))
     instructor = work / "html-instructor"
     shutil.rmtree(instructor, ignore_errors=True)

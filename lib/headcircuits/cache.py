@@ -138,23 +138,37 @@ def _cached_at(name: str, digest: str, compute: Callable[[], T], root: Path | No
     """``compute()``'s result kept in ``<root>/<name>/<digest>.pt`` (see :func:`cached`)."""
     if os.environ.get("HEADCIRCUITS_NO_CACHE", "") not in ("", "0"):
         return compute()
-    folder = (root or results_root()) / name
-    path = folder / f"{digest}.pt"
-    if path.is_file():
-        try:
-            return torch.load(path, weights_only=False)
-        except Exception as exc:  # unreadable (half-written by an old version, disk trouble): recompute below
-            warnings.warn(f"the cached result {path} cannot be read ({type(exc).__name__}: {exc}); it is deleted and "
-                          "computed again. If this repeats, check the disk, or set HEADCIRCUITS_RESULTS to another "
-                          "folder", stacklevel=2)
-            path.unlink(missing_ok=True)
+    path = (root or results_root()) / name / f"{digest}.pt"
+    found, value = read(path)
+    if found:
+        return value
     value = compute()
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".partial")
+    write(path, value)
+    return value
+
+
+def read(path: Path) -> tuple[bool, Any]:
+    """``(True, value)`` for a result kept at ``path``, ``(False, None)`` when there is none. A file that cannot
+    be read is deleted with a warning naming it (it will be computed again)."""
+    if not path.is_file():
+        return False, None
+    try:
+        return True, torch.load(path, weights_only=False)
+    except Exception as exc:  # unreadable (half-written by an old version, disk trouble): recompute
+        warnings.warn(f"the cached result {path} cannot be read ({type(exc).__name__}: {exc}); it is deleted and "
+                      "computed again. If this repeats, check the disk, or set HEADCIRCUITS_RESULTS to another "
+                      "folder", stacklevel=3)
+        path.unlink(missing_ok=True)
+        return False, None
+
+
+def write(path: Path, value: Any) -> None:
+    """Keep ``value`` at ``path`` atomically (a reader sees the whole file or none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
     os.close(fd)
     torch.save(value, tmp)
     os.replace(tmp, path)
-    return value
 
 
 def on_disk(name: str, *, enabled_by: str | None = None, ignore: tuple[str, ...] = ()):

@@ -148,7 +148,9 @@ def discover(
             raise ValueError(f"no default discovery stages for task {data.task!r}; pass stages=(Stage(...), ...)")
         stages = STAGES[data.task]
     circuit = Circuit(fraction=fraction, min_effect=min_effect)
-    base = path_patching.baseline(model, data)
+    # the clean and counterfactual runs, once for every stage, when the prompts are one piece of path patching's
+    # sweep (more prompts: each piece makes its own, so that no process holds them all)
+    base = path_patching.baseline(model, data) if len(data) <= path_patching.PROMPTS_PER_PIECE else None
     previous: list[Head] = []
     for i, stage in enumerate(stages):
         if stage.kind == "logits":

@@ -35,3 +35,13 @@ class ParameterError(HeadcircuitsError, ValueError):
 
 class NotebookError(HeadcircuitsError, RuntimeError):
     """A notebook of the book failed while executing; the message names the executed copy that shows the error."""
+
+
+class ClusterError(HeadcircuitsError, RuntimeError):
+    """A Dask scheduler that cannot be reached, or a cluster that cannot be started; the message names the
+    address and what to check."""
+
+
+class SweepError(HeadcircuitsError, RuntimeError):
+    """A piece of a sweep failed (an error in it, or its worker died more often than allowed); the message names
+    the piece and the cause. Every piece that finished is kept in the store."""

@@ -5,6 +5,7 @@ reused (see :func:`execute_notebooks`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -88,7 +89,7 @@ def execution_key(src: Path, parameters: dict) -> str:
 
     from headcircuits.cache import library_hash
 
-    lock = src.parent.parent / "requirements.lock"
+    lock = Path(__file__).resolve().parent / "data" / "requirements.lock"  # the pinned versions the package ships
     parts = {
         "notebook": hashlib.sha256(src.read_bytes()).hexdigest(),
         "parameters": json.dumps(parameters, sort_keys=True, default=str),
@@ -169,45 +170,54 @@ def execute_notebooks(
     notebooks = list(notebooks)
     per_notebook = check_parameters(notebooks, parameters or {})
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **NOTEBOOK_ENV,
-           "HEADCIRCUITS_RESULTS": os.environ.get("HEADCIRCUITS_RESULTS") or str(out_dir.parent / "results")}
-    executed = []
-    for src in notebooks:
-        dst, record_path = out_dir / src.name, out_dir / (src.stem + RECORD)
-        key = execution_key(src, per_notebook[src])
-        old = json.loads(record_path.read_text()) if record_path.is_file() else {}
-        if reuse and dst.is_file() and old.get("key") == key:
-            log(f"{src.name}: unchanged since {old['executed_at']} (source, parameters, library and packages); "
-                f"reused its executed copy ({old['seconds']:.0f} s then)")
-            record_path.write_text(json.dumps({**old, "reused": True}, indent=1))
-            executed.append(dst)
-            continue
-        record_path.unlink(missing_ok=True)
-        usage = out_dir / (src.stem + ".usage.json")
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-c", "import sys; from headcircuits.execution import _execute_child; _execute_child(*sys.argv[1:])",
-             str(src), str(dst), json.dumps(per_notebook[src]), str(usage)], env=env)
-        if proc.returncode != 0:
-            raise NotebookError(f"{src.name} failed (exit {proc.returncode}); the traceback is printed above and "
-                                f"kept in its executed copy {dst}. Fix the notebook or the library and build again.")
-        measured = json.loads(usage.read_text())
-        usage.unlink()
-        defaults = declared_parameters(src)
-        record = {
-            "notebook": src.name, "key": key,
-            "executed_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "parameters": {**defaults, **{k: json.dumps(v) for k, v in per_notebook[src].items()}},
-            "overridden": sorted(per_notebook[src]),
-            "seconds": measured["seconds"], "process_seconds": time.perf_counter() - start,
-            "peak_rss_mib": measured["peak_rss_mib"], "hardware": measured["hardware"],
-            "device": os.environ.get("HEADCIRCUITS_DEVICE") or "default (CUDA when available, else CPU)",
-            "versions": _versions(), "reused": False,
-        }
-        record_path.write_text(json.dumps(record, indent=1))
-        log(f"executed {src.name} in {record['seconds']:.1f} s (peak {record['peak_rss_mib']:.0f} MiB)")
-        executed.append(dst)
-    return executed
+    env = {"HEADCIRCUITS_RESULTS": os.environ.get("HEADCIRCUITS_RESULTS") or str(out_dir.parent / "results")}
+    return [execute(src, out_dir / src.name, per_notebook[src], env, log=log, reuse=reuse) for src in notebooks]
+
+
+def execute(src: Path, dst: Path, parameters: dict, env: dict[str, str] | None = None, *, log=print,
+            reuse: bool = True, output: Path | None = None) -> Path:
+    """Execute one notebook with papermill in a process of its own into ``dst`` (its ``parameters`` cell
+    overridden by ``parameters``, which it must declare; ``env`` added to this process's environment and
+    :data:`NOTEBOOK_ENV`), its ``.run.json`` record beside it; with ``reuse``, not again when its
+    :func:`execution_key` is the one recorded (see :func:`execute_notebooks`). ``output``: a file that receives the
+    execution's own output (default: this process's). Raises :class:`~headcircuits.errors.NotebookError` when it
+    fails."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    record_path = dst.with_name(dst.stem + RECORD)
+    key = execution_key(src, parameters)
+    old = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if reuse and dst.is_file() and old.get("key") == key:
+        log(f"{src.name}: unchanged since {old['executed_at']} (source, parameters, library and packages); "
+            f"reused its executed copy ({old['seconds']:.0f} s then)")
+        record_path.write_text(json.dumps({**old, "reused": True}, indent=1))
+        return dst
+    record_path.unlink(missing_ok=True)
+    usage = dst.with_name(dst.stem + ".usage.json")
+    start = time.perf_counter()
+    command = [sys.executable, "-c", "import sys; from headcircuits.execution import _execute_child; "
+               "_execute_child(*sys.argv[1:])", str(src), str(dst), json.dumps(parameters), str(usage)]
+    with open(output, "a") if output is not None else contextlib.nullcontext() as sink:
+        proc = subprocess.run(command, env={**os.environ, **NOTEBOOK_ENV, **(env or {})}, stdout=sink,
+                              stderr=subprocess.STDOUT if sink is not None else None)
+    if proc.returncode != 0:
+        where = f"in {output} and " if output is not None else "above and "
+        raise NotebookError(f"{src.name} failed (exit {proc.returncode}); the traceback is printed {where}kept in its "
+                            f"executed copy {dst}. Fix the notebook or the library and run again.")
+    measured = json.loads(usage.read_text())
+    usage.unlink()
+    record = {
+        "notebook": src.name, "key": key,
+        "executed_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "parameters": {**declared_parameters(src), **{k: json.dumps(v) for k, v in parameters.items()}},
+        "overridden": sorted(parameters),
+        "seconds": measured["seconds"], "process_seconds": time.perf_counter() - start,
+        "peak_rss_mib": measured["peak_rss_mib"], "hardware": measured["hardware"],
+        "device": os.environ.get("HEADCIRCUITS_DEVICE") or "default (CUDA when available, else CPU)",
+        "versions": _versions(), "reused": False,
+    }
+    record_path.write_text(json.dumps(record, indent=1))
+    log(f"executed {src.name} in {record['seconds']:.1f} s (peak {record['peak_rss_mib']:.0f} MiB)")
+    return dst
 
 
 def _minutes(seconds: float) -> str:

@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headcircuits import scoring
+from headcircuits import scoring, spread
 from headcircuits.cache import on_disk
 from headcircuits.edits import Edit
 from headcircuits.models.architecture import hook as hook_name
@@ -159,8 +159,20 @@ def component_effects(
     offsets = value_offsets(model) if offsets is None else offsets
     components = list(range(weights.W_V.shape[-1]) if components is None else components)
     base = inhibition_score(model, data, mover).mean()
+    pieces = [components[i:i + COMPONENTS_PER_PIECE] for i in range(0, len(components), COMPONENTS_PER_PIECE)]
+    return torch.cat(spread.sweep("component_effects", _without_components, model, pieces, data=data,
+                                  weights=weights, sender=sender, mover=mover, offsets=offsets, base=base))
+
+
+COMPONENTS_PER_PIECE = 8  # ours: an inhibition head's components per piece of the sweep
+
+
+def _without_components(
+    model: Model, components: list[int], *, data: TaskData, weights, sender: Head, mover: Head, offsets, base: Tensor,
+) -> Float[Tensor, " component"]:
+    """One piece of :func:`component_effects`: the mean score's change when each of ``components`` is removed."""
     return torch.stack([inhibition_score(model, data, mover, [weight_edit(model, weights, sender, zero=[k],
-                                                                          offsets=offsets)]).mean() - base
+                                                                          offsets=offsets)]).mean().cpu() - base.cpu()
                         for k in components])
 
 

@@ -18,6 +18,7 @@ from headcircuits import stats
 from headcircuits.stats import OUTCOMES, Estimate, Verdict
 
 COLUMNS = ("claim", "model", "paper", "ours", "verdict")
+MEASURED = "measured"  # a hidden column: what the verdict was judged on, as JSON (headcircuits.scorecard's data)
 ROWS = "_rows"  # suffix of the glue key under which a chapter also stores its rows as JSON (for the scorecard)
 
 
@@ -26,7 +27,18 @@ def finding(claim: str, model: str, paper: str, ours: str, verdict: Verdict) -> 
     model), ``ours`` (our numbers with intervals and n) and the verdict of :func:`headcircuits.stats.judge`."""
     if not isinstance(verdict, Verdict):
         raise TypeError(f"a finding's verdict comes from stats.judge (a stats.Verdict), not {type(verdict).__name__}")
-    return {"claim": claim, "model": model, "paper": paper, "ours": ours, "verdict": str(verdict)}
+    return {"claim": claim, "model": model, "paper": paper, "ours": ours, "verdict": str(verdict),
+            MEASURED: json.dumps(measured(verdict))}
+
+
+def measured(verdict: Verdict) -> dict:
+    """What a verdict was judged on, as plain data: its outcome, the estimate with its 95 % interval and n, the
+    null, the paper's value and the claimed direction (``None`` where the claim was not testable)."""
+    e = verdict.estimate
+    return {"outcome": verdict.outcome, "reason": verdict.reason,
+            "estimate": None if e is None else e.value, "low": None if e is None else e.low,
+            "high": None if e is None else e.high, "n": None if e is None else e.n,
+            "null": verdict.null, "paper_value": verdict.paper, "direction": verdict.direction}
 
 
 def says(verdict: Verdict, **by_outcome: str) -> str:
@@ -107,20 +119,25 @@ def findings(rows: Iterable[Mapping[str, str]]) -> pd.DataFrame:
     rows = list(rows)
     seen = set()
     for row in rows:
-        if set(row) != set(COLUMNS):
-            raise ValueError(f"a finding has exactly the keys {COLUMNS}; got {sorted(row)}")
+        if set(row) != {*COLUMNS, MEASURED}:
+            raise ValueError(f"a finding has exactly the keys {(*COLUMNS, MEASURED)} (make it with report.finding); "
+                             f"got {sorted(row)}")
         if not any(row["verdict"] == o or row["verdict"].startswith(f"{o}: ") for o in OUTCOMES):
             raise ValueError(f"verdict {row['verdict']!r} is not one of {list(OUTCOMES)}: make it with stats.judge")
         key = (row["claim"], row["model"])
         if key in seen:
             raise ValueError(f"the claim {key[0]!r} appears twice for {key[1]}: one row per claim and model")
         seen.add(key)
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+    return pd.DataFrame(rows, columns=[*COLUMNS, MEASURED])
 
 
 def shown(table: pd.DataFrame) -> "pd.io.formats.style.Styler":
-    """A reproduction table as the book shows it: no index column, text aligned left."""
-    return table.style.hide(axis="index").set_properties(**{"text-align": "left"})
+    """A reproduction table as the book shows it: no index column, the hidden data column left out, text aligned
+    left."""
+    style = table.style.hide(axis="index")
+    if MEASURED in table.columns:
+        style = style.hide(subset=[MEASURED], axis="columns")
+    return style.set_properties(**{"text-align": "left"})
 
 
 def publish(table: pd.DataFrame, key: str = "findings") -> "pd.io.formats.style.Styler":

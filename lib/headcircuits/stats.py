@@ -13,7 +13,7 @@ every sentence that says whether a finding reproduces branches on :func:`judge`,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
 
 import numpy as np
@@ -172,6 +172,12 @@ class Verdict:
     outcome: Outcome
     reason: str = ""
     needed_n: int | None = None
+    # what it was judged on (kept for the scorecard's data, headcircuits.scorecard): the estimate, the null, the
+    # paper's value and the claimed direction; None for a claim that was not testable
+    estimate: Estimate | None = field(default=None, compare=False)
+    null: float | None = field(default=None, compare=False)
+    paper: float | None = field(default=None, compare=False)
+    direction: str | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.outcome}: {self.reason}" if self.reason else self.outcome
@@ -211,6 +217,13 @@ def judge(
       half-width scaled by sqrt(n / n'): an estimate, since the interval's shape is taken as fixed).
 
     ``show`` formats numbers in the reasons (e.g. ``"{:.1%}"``)."""
+    verdict = _judge(estimate, null=null, paper=paper, direction=direction, preconditions=preconditions, show=show)
+    if verdict.outcome == "not testable":
+        return verdict
+    return replace(verdict, estimate=estimate, null=null, paper=paper, direction=direction)
+
+
+def _judge(estimate, *, null, paper, direction, preconditions, show) -> Verdict:
     failed = [p for p in preconditions if not p.holds]
     if failed:
         return Verdict("not testable", "; ".join(
@@ -252,7 +265,7 @@ def fact(holds: bool) -> Verdict:
     """:func:`judge` on a yes/no statement computed without sampling error (e.g. "8.10.1 is 8.10's top component
     for 9.9's queries" on GPT-2 small's released weights): 1 or 0 against a null of 1/2."""
     v = judge(exact(1.0 if holds else 0.0), null=0.5)
-    return v if v.holds else Verdict(v.outcome, "the exact computation says otherwise")
+    return v if v.holds else replace(v, reason="the exact computation says otherwise")
 
 
 Legacy = Literal["reproduces", "does not reproduce", "inconclusive"]

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from headcircuits import engine
+from headcircuits import engine, spread
 from headcircuits.channels import Channel, ChannelReplacement
 from headcircuits.engine import Read
 from headcircuits.models.core import Head, Model
@@ -48,20 +48,22 @@ def traverse(
     Returns:
         ``[point, batch, key]`` attention probabilities, on the CPU.
     """
-    from headcircuits.progress import tqdm
-
     points = torch.as_tensor(points, dtype=torch.float32).reshape(-1, len(channel.heads) * channel.per_head)
     first = min(l for l, _ in channel.heads)
     if mover[0] < first:
         raise ValueError(f"the mover {mover} sits below the channel's lowest layer ({first}): nothing to traverse")
     read = Read("pattern", mover[0], at="END", head=mover[1], keys=tuple(keys))
-    out = []
-    with tqdm(total=len(points), desc="traversal", disable=not progress, unit="point") as bar:
-        for chunk in points.split(points_per_run):
-            results = engine.run(model, data, [[ChannelReplacement(channel, p, mode=mode)] for p in chunk], read=[read])
-            out += [r[read] for r in results]
-            bar.update(len(chunk))
-    return torch.stack(out)
+    chunks = list(points.split(points_per_run))
+    return torch.cat(spread.sweep("traversal", _attention_at, model, chunks, progress=progress, data=data,
+                                  channel=channel, read=read, mode=mode))
+
+
+def _attention_at(
+    model: Model, points: Float[Tensor, "point coef"], *, data: TaskData, channel: Channel, read: Read, mode: str,
+) -> Float[Tensor, "point batch key"]:
+    """One piece of :func:`traverse`: the read attention under each of ``points``, on the CPU."""
+    results = engine.run(model, data, [[ChannelReplacement(channel, p, mode=mode)] for p in points], read=[read])
+    return torch.stack([r[read].cpu() for r in results])
 
 
 def end_logits_under(

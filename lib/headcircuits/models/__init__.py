@@ -257,7 +257,10 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
         ModelUnavailableError: an offline model whose wheel is not installed (the message gives the pip command).
     """
     if is_local_model(name):
-        return _load_local(Path(str(name)).expanduser().resolve(), _device(device), prepend_bos)
+        path = Path(str(name)).expanduser().resolve()
+        model = _load_local(path, _device(device), prepend_bos)
+        model.recipe = ("load", str(path), seed, prepend_bos)
+        return model
     key = str(name).lower().strip()
     if key not in MODELS:
         raise UnknownModelError(f"unknown model {name!r} (not a zoo name, nor a folder with a config.json). "
@@ -265,10 +268,28 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
     spec = MODELS[key]
     dev = _device(device)
     if spec.kind == "offline":
-        return _load_offline(key, spec, dev)
-    if spec.kind == "hub":
-        return _load_hub(key, spec, dev)
-    return _load_tiny(key, spec, dev, seed)
+        model = _load_offline(key, spec, dev)
+    elif spec.kind == "hub":
+        model = _load_hub(key, spec, dev)
+    else:
+        model = _load_tiny(key, spec, dev, seed)
+    model.recipe = ("load", key, seed, prepend_bos)
+    return model
+
+
+def reload(recipe: tuple, device: str | torch.device | None = None) -> Model:
+    """The model a :attr:`Model.recipe` describes, loaded in this process (how a Dask worker of
+    :mod:`headcircuits.spread` gets the model a sweep runs on: from the same zoo name or folder, never sent)."""
+    if not recipe or recipe[0] != "load":
+        raise ValueError(f"no recipe to load this model from ({recipe!r}): only a model from load_model(...) (and "
+                         "models.ungrouped of one) can be loaded again in another process")
+    _, name, seed, prepend_bos, *after = recipe
+    model = load_model(name, device, seed=seed, prepend_bos=prepend_bos)
+    for step in after:
+        if step != "ungrouped":
+            raise ValueError(f"unknown step {step!r} in the model recipe {recipe!r}")
+        model = ungrouped(model)
+    return model
 
 
 def ungrouped(model: Model) -> Model:
@@ -312,7 +333,8 @@ def ungrouped(model: Model) -> Model:
     bridge = _to(_boot(source, str(model.device), hf_model=copy_model, tokenizer=model.tokenizer), model.device)
     facts = dataclasses.replace(model.facts, n_kv_heads=model.facts.n_heads)
     model._ungrouped = Model(bridge=bridge, tokenizer=model.tokenizer, facts=facts,
-                             weights_id=model.weights_id + ":ungrouped")
+                             weights_id=model.weights_id + ":ungrouped",
+                             recipe=model.recipe + ("ungrouped",) if model.recipe else ())
     return model._ungrouped
 
 

@@ -117,6 +117,9 @@ class Model:
     tokenizer: object
     facts: ModelFacts
     weights_id: str = ""  # which weights exactly (cache manifest hash, hub id, random seed): keys cached results
+    # how another process loads the same model (models.reload; spread's workers): ("load", name, seed, prepend_bos),
+    # then ("ungrouped",) for models.ungrouped; () for a model built by hand, which no worker can load
+    recipe: tuple = field(default=(), repr=False, compare=False)
     _ungrouped: "Model | None" = field(default=None, repr=False, compare=False)  # see models.ungrouped
 
     @property

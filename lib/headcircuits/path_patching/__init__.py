@@ -35,6 +35,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from headcircuits import spread
 from headcircuits.cache import on_disk
 from headcircuits.models.core import Head, Model
 from headcircuits.path_patching.core import Baseline, Receivers, baseline, normalised_effect, zero_by_construction
@@ -44,6 +45,9 @@ from headcircuits.tasks.base import TaskData
 
 __all__ = ["Baseline", "FrozenHeads", "ReceiverInputs", "Receivers", "baseline", "normalised_effect", "path_patch",
            "path_patch_fast_ld", "path_patch_ld", "zero_by_construction"]
+
+
+PROMPTS_PER_PIECE = 100  # ours: path patching's prompts per piece of a sweep (the book's 32 are one piece)
 
 
 @on_disk("path_patch", enabled_by="cache", ignore=("progress",))
@@ -60,6 +64,7 @@ def path_patch(
     progress: bool = True,
     cache: bool = False,
     per_batch: int | None = None,
+    prompts_per_piece: int = PROMPTS_PER_PIECE,
 ) -> Float[Tensor, "layer head"]:
     """Normalised path-patching effect of every sender on the receivers, as a [layer, head] table on the CPU (NaN
     for heads that are not senders). See the module docstring for the three steps. ``method='fast'`` and
@@ -80,16 +85,36 @@ def path_patch(
         progress: show a progress bar.
         cache: keep the table on disk.
         per_batch: see :func:`normalised_effect`.
+        prompts_per_piece: ours: the prompts of one piece of the sweep (:func:`headcircuits.spread.sweep`; pieces
+            run side by side on a cluster, and the per-prompt logit differences are gathered before the ratio).
 
     Returns:
         ``[layer, head]`` normalised effects on the CPU (NaN: not a sender).
     """
     if method not in ("fast", "reference"):
         raise ValueError(f"method must be 'fast' or 'reference', not {method!r}")
-    run = path_patch_fast_ld if method == "fast" else path_patch_ld
-    lds, b = run(model, data, receivers, senders, freeze_mlps=freeze_mlps, sender_position=sender_position,
-                 base=base, progress=progress)
+    rows = spread.ranges(len(data), prompts_per_piece)
+    whole = len(rows) == 1  # one piece: the baseline given (if any) is its own
+    pieces = spread.sweep("path_patch", _patched, model, rows, progress=progress and not whole, data=data,
+                          receivers=receivers, senders=senders, method=method, freeze_mlps=freeze_mlps,
+                          sender_position=sender_position, base=base if whole else None, bar=progress and whole)
+    ld_clean = torch.cat([clean for _, clean, _ in pieces])
+    ld_corrupt = torch.cat([corrupt for _, _, corrupt in pieces])
     table = torch.full((model.facts.n_layers, model.facts.n_heads), float("nan"))
-    for (layer, head), ld in lds.items():
-        table[layer, head] = float(normalised_effect(ld[None], b.ld_clean, b.ld_corrupt, per_batch)[0])
+    for layer, head in pieces[0][0]:
+        ld = torch.cat([lds[(layer, head)] for lds, _, _ in pieces])
+        table[layer, head] = float(normalised_effect(ld[None], ld_clean, ld_corrupt, per_batch)[0])
     return table
+
+
+def _patched(
+    model: Model, rows: range, *, data: TaskData, receivers: Receivers, senders: list[Head] | None, method: str,
+    freeze_mlps: bool, sender_position: str | None, base: Baseline | None, bar: bool,
+) -> tuple[dict[Head, Tensor], Tensor, Tensor]:
+    """One piece of :func:`path_patch`: the patched logit differences of every sender on the prompts ``rows``,
+    with their clean and counterfactual ones (all on the CPU)."""
+    part = data if len(rows) == len(data) else data.subset(list(rows))
+    run = path_patch_fast_ld if method == "fast" else path_patch_ld
+    lds, b = run(model, part, receivers, senders, freeze_mlps=freeze_mlps, sender_position=sender_position,
+                 base=base, progress=bar)
+    return {tuple(s): ld.cpu() for s, ld in lds.items()}, b.ld_clean.cpu(), b.ld_corrupt.cpu()
