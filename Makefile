@@ -27,11 +27,13 @@ models: $(STAMP)
 # since the last build is reused), render the student edition into _build/html and the instructor edition (the
 # exercises' solutions) into _build/html-instructor.
 # Notebook parameters: make book PARAMS="-p model_names=gemma-3-270m -p n_prompts=50" (an unknown one is an error).
+# A paper-scale run's verdicts as a column of the scorecard: make book SCORECARD=reproduction (see the README).
 PARAMS ?=
+SCORECARD ?=
 book:
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory models && \
-	$(OFFLINE) $(VENV)/bin/headcircuits build-book $(PARAMS) && \
+	$(OFFLINE) $(VENV)/bin/headcircuits build-book $(PARAMS) $(if $(SCORECARD),--scorecard $(SCORECARD)) && \
 	echo "make book: done in $$(( $$(date +%s) - start )) s; open _build/html/index.html (instructors: _build/html-instructor)"
 
 # Unit tests on tiny models, slow tests on the embedded model, every notebook executed, offline-HTML scan.

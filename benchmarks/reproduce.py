@@ -57,7 +57,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     print(f"path patching into the logits, {args.prompts} prompts in {pieces} pieces, {args.model}")
     print(f"  this process, 1 thread:        {t_serial:7.1f} s")
-    with reproduce.local_cluster(2) as address:
+    with spread.local_cluster(2) as address:
         with spread.use(address):
             spread.sweep("warm-up", _nothing, model, [0, 1])  # each worker loads the model once
             start = time.perf_counter()
@@ -85,7 +85,7 @@ def main() -> None:
         predicted, critical = costs.predict(found, 2)
         print(f"\n{jobs[0].name} at n_prompts={args.run_prompts}: dry run (calibration) took {t_dry:.0f} s")
         print(costs.table(found, "CPU"))
-        with reproduce.local_cluster(2) as address:
+        with spread.local_cluster(2) as address:
             start = time.perf_counter()
             reproduce.run(jobs, Path(tmp) / "run", ROOT, address, log=lambda line: print(f"  {line}"))
             measured = time.perf_counter() - start

@@ -350,8 +350,9 @@ def test_running_it_yourself_states_the_memory_and_time_this_build_measured():
     page = (ROOT / "book" / "running.md").read_text()
     assert all(token in page for token in execution.MEASURED[:3])
     assert not re.search(r"\b\d+ GB of memory", page)  # no typed memory figure
-    shown = execution.measured_page(page, records)
+    shown = book.running_page(ROOT, page, records)
     assert "{{" not in shown and "at least 9 GB of" in shown and "04_b (8.2 GiB at its peak)" in shown
+    assert "| 06_laundry_list | `n_per_length` | `50` | `250` | Talking Heads §5.1: 250 prompts per N |" in shown
     assert "6.0 min of chapter execution" in shown and "2 cores of x" in shown
     with pytest.raises(ValueError, match="no execution records"):
         execution.measured_page(page, [])

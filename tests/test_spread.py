@@ -14,11 +14,12 @@ import cloudpickle
 import pytest
 import torch
 
-from headcircuits import channels, inhibition, path_patching, spread, traversal, weights
+import pandas as pd
+
+from headcircuits import channels, inhibition, path_patching, repair, scoring, spread, traversal, weights
 from headcircuits.errors import ClusterError, SweepError
 from headcircuits.models import load_model
-from headcircuits.reproduce import local_cluster
-from headcircuits.tasks import ioi, laundry_list
+from headcircuits.tasks import colored_objects, ioi, laundry_list
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import the tests
 
@@ -36,7 +37,7 @@ def _square(model, piece, *, delay=0.0, fail=None, die=None):
 @pytest.fixture(scope="module")
 def cluster():
     """A LocalCluster of two single-threaded worker processes on 127.0.0.1 (the one `reproduce` starts)."""
-    with local_cluster(2) as address:
+    with spread.local_cluster(2) as address:
         yield address
 
 
@@ -57,11 +58,17 @@ def test_a_two_worker_cluster_gives_the_serial_results_bit_for_bit(cluster, mode
     channel = channels.Channel.pick(w, {(0, 1): [0], (1, 2): [1]}, offsets=weights.value_offsets(model))
     points = torch.tensor([[0.0, 0.0], [2.0, -1.0], [-3.0, 1.5]])
 
+    co = colored_objects.generate(model, 7, seed=0)
+    monkeypatch.setattr(scoring, "PROMPTS_PER_PIECE", 3)  # scoring and the repair in pieces of 3 prompts
+
     def sweeps():
+        repaired = repair.repair(model, co, {"two": ((1, 0), (2, 1))}, n_controls=2, exclude=set(), per_prompt=True)
         return (path_patching.path_patch(model, data, receivers, prompts_per_piece=3, progress=False),
                 traversal.traverse(model, ll, channel, points, (2, 0), ["ITEM_0", "ITEM_1"], points_per_run=2,
                                    progress=False),
-                inhibition.component_effects(model, data, w, (1, 0), (2, 1), components=list(range(10))))
+                inhibition.component_effects(model, data, w, (1, 0), (2, 1), components=list(range(10))),
+                torch.tensor(scoring.evaluate(model, ll).margin.to_numpy()),
+                torch.tensor(pd.concat(repaired[1].values()).margin.to_numpy()))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a worker (Dask starts them with OMP_NUM_THREADS=1): the same order of float sums
@@ -73,7 +80,8 @@ def test_a_two_worker_cluster_gives_the_serial_results_bit_for_bit(cluster, mode
     with spread.use(cluster):
         spread_ = sweeps()
     assert [(r.name, r.pieces, r.computed, r.scheduler) for r in spread.history] == [
-        ("path_patch", 3, 3, cluster), ("traversal", 2, 2, cluster), ("component_effects", 2, 2, cluster)]
+        ("repair", 3, 3, cluster), ("path_patch", 3, 3, cluster), ("traversal", 2, 2, cluster),
+        ("component_effects", 2, 2, cluster), ("evaluate", 3, 3, cluster)]
     for a, b in zip(serial, spread_):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
     # another cut into pieces batches the sums differently: equal within float rounding, not bit for bit. The
@@ -83,11 +91,15 @@ def test_a_two_worker_cluster_gives_the_serial_results_bit_for_bit(cluster, mode
     whole = path_patching.path_patch(model, data, receivers, progress=False)
     size = serial[0].nan_to_num().abs().max()
     assert size > 1e-4 and (whole - serial[0]).nan_to_num().abs().max() < 2e-2 * size, (whole, serial[0])
+    monkeypatch.setattr(scoring, "PROMPTS_PER_PIECE", 500)  # scored as one piece: the same margins to 1e-5
+    one = torch.tensor(scoring.evaluate(model, ll).margin.to_numpy())
+    assert (one - serial[3]).abs().max() < 1e-5 < one.abs().max()
+    assert list(scoring.evaluate(model, ll).index) == list(range(len(ll)))
 
 
 def test_a_worker_killed_mid_sweep_loses_nothing_and_a_second_run_computes_nothing(model, tmp_path):
     serial = spread.sweep("squares", _square, model, list(range(8)))
-    with local_cluster(2) as address:
+    with spread.local_cluster(2) as address:
         pids = list(spread.client(address).run(os.getpid).values())
         killer = threading.Timer(1.2, os.kill, (pids[0], signal.SIGKILL))
         killer.start()
@@ -123,9 +135,11 @@ def test_a_failing_piece_stops_the_sweep_naming_it_and_the_finished_ones_are_kep
 
 
 def test_a_piece_whose_worker_keeps_dying_stops_the_run_after_the_retries(model, tmp_path):
-    with local_cluster(2) as address, spread.use(address, tmp_path):
+    with spread.local_cluster(2) as address, spread.use(address, tmp_path):
         start = time.perf_counter()
-        with pytest.raises(SweepError, match=r"squares: piece 1 of 3 \(1\) failed on the cluster.*KilledWorker"):
+        # the scheduler counts the pieces queued on a dying worker too, so the piece named may be another one
+        with pytest.raises(SweepError, match=r"squares: piece \d of 3 \(\d\) failed on the cluster.*KilledWorker: "
+                                             r".*on 4 different workers"):
             spread.sweep("squares", _square, model, [0, 1, 2], die=1)
         assert time.perf_counter() - start < 120
 

@@ -221,13 +221,19 @@ def stage_sources(root: Path, executed: Iterable[Path], stage: Path, which: str 
         (stage / "book" / "notebooks" / nb.name).write_text(json.dumps(with_time, indent=1, ensure_ascii=False))
     (stage / "book" / "execution_report.md").write_text(execution_report(records))
     running = stage / "book" / "running.md"
-    from headcircuits.reproduce import scale_table
-
-    running.write_text(measured_page(running.read_text(), records).replace("{{ paper_scale_table }}",
-                                                                           scale_table(root)))
+    running.write_text(running_page(root, running.read_text(), records))
     # not "_static": Jupyter Book 1 would add every .js under it to every page (all of MathJax's extensions)
     vendor_assets(stage / "_vendor")
     shutil.copy2(root / "book" / "_css" / "headcircuits.css", stage / "_vendor" / "headcircuits.css")
+
+
+def running_page(root: Path, text: str, records: list[dict]) -> str:
+    """*Running it yourself* as built: this build's measurements (:func:`headcircuits.execution.measured_page`) and
+    the sizes of ``headcircuits reproduce --scale paper`` with their sources (``{{ paper_scale_table }}``,
+    :func:`headcircuits.reproduce.scale_table`), never typed."""
+    from headcircuits.reproduce import scale_table
+
+    return measured_page(text, records).replace("{{ paper_scale_table }}", scale_table(root))
 
 
 def render(*builds: tuple[Path, Path]) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from pathlib import Path
 from headcircuits import execution
 
 SLICES = (50, 25)  # calibration: the run's prompt counts divided by these
-LEAST = 8  # the fewest prompts a calibration slice gives a parameter
+LEAST = 4  # the fewest prompts a calibration slice gives a parameter
 WORKERS = (1, 4, 16, 64)
 #: parameters that count prompts (or prompts per list length)
 PROMPTS = ("n_prompts", "n_eval", "n_paper", "n_inhibition", "n_duplicate", "n_per_length", "n_traverse", "n_fix")
@@ -75,9 +76,10 @@ def _pieces(name: str, reports: list[dict], share: float) -> int:
 
 
 def calibrate(jobs, root: Path, folder: Path, *, log=print) -> list[Cost]:
-    """Execute every job at the two calibration slices (each chapter single-threaded, as a worker runs it) and
-    fit its cost (see the module docstring). ``folder`` keeps the calibration runs: a second dry run of the same
-    code reuses them."""
+    """Execute every job at the two calibration slices, one after the other in dependency order (each chapter
+    single-threaded, as a worker runs it; a model's chapters share one results cache per slice, so a chapter
+    that reuses the IOI circuit costs what it will cost in the run) and fit its cost (see the module docstring).
+    ``folder`` keeps the calibration runs: a second dry run of the same code reuses them."""
     costs = []
     for job in jobs:
         src = root / "notebooks" / f"{job.chapter}.ipynb"
@@ -85,9 +87,10 @@ def calibrate(jobs, root: Path, folder: Path, *, log=print) -> list[Cost]:
         points = []
         for divisor in SLICES:
             params = sliced(job.parameters, defaults, divisor)
-            out = folder / f"slice-{divisor}" / job.name.replace("@", "--").replace("/", "_")
-            store = out / "pieces"
-            env = {"HEADCIRCUITS_RESULTS": str(out / "results"), "HEADCIRCUITS_PIECES": str(store),
+            model_folder = folder / f"slice-{divisor}" / re.sub(r"[^A-Za-z0-9._-]", "_", job.model)
+            out, store = model_folder / job.chapter, model_folder / job.chapter / "pieces"
+            # one results cache per model and slice, as in the run: a chapter that reuses the IOI circuit finds it
+            env = {"HEADCIRCUITS_RESULTS": str(model_folder / "results"), "HEADCIRCUITS_PIECES": str(store),
                    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
             start = time.perf_counter()
             execution.execute(src, out / src.name, params, env, log=lambda _: None, output=out / "log.txt")
@@ -106,7 +109,9 @@ def calibrate(jobs, root: Path, folder: Path, *, log=print) -> list[Cost]:
 
 
 def _share(params: dict, full: dict, defaults: dict) -> float:
-    """The slice's share of the run's prompts (the largest prompt parameter's ratio)."""
+    """The slice's share of the run's prompts: the smallest ratio among its prompt parameters (``n_prompts``',
+    whose path patching is most of a chapter's cost, is the most divided; a parameter held at :data:`LEAST`
+    has a larger ratio)."""
     ratios = []
     for name in PROMPTS:
         if name in params and isinstance(params[name], int):

@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from headcircuits import engine, scoring
+from headcircuits import engine, scoring, spread
 from headcircuits.edits import Edit, at_position
 from headcircuits.engine import Read
 from headcircuits.models.architecture import hook as hook_name
@@ -212,14 +212,21 @@ def repair(
         pool = f"layers {layers.start}-{layers.stop - 1}, excluding {len(named | set(exclude))} heads"
         conditions += [(f"random {size}", chosen, pool) for chosen in draws]
     edits = [[ForcedAttention(chosen, keys, strength=strength)] if chosen else [] for _, chosen, _ in conditions]
-    results = engine.run(model, data, edits, logits="end")
+    pieces = spread.sweep("repair", _end_logits, model, spread.ranges(len(data), scoring.PROMPTS_PER_PIECE),
+                          data=data, edits=edits)
     rows = []
     tables: dict[str, pd.DataFrame] = {}
-    for (condition, chosen, pool), result in zip(conditions, results):
-        table = scoring.evaluate(model, data, logits=result.logits)
+    for k, (condition, chosen, pool) in enumerate(conditions):
+        table = scoring.evaluate(model, data, logits=torch.cat([piece[k] for piece in pieces]))
         label = condition if condition not in tables else f"{condition} #{sum(k.startswith(condition) for k in tables)}"
         tables[label] = table
         rows.append({"condition": condition, "heads": " ".join(f"{l}.{h}" for l, h in chosen),
                      **scoring.summarise(table), **({"pool": pool} if pool else {})})
     frame = pd.DataFrame(rows)
     return (frame, tables) if per_prompt else frame
+
+
+def _end_logits(model: Model, rows: range, *, data: TaskData, edits: list[list]) -> list[Tensor]:
+    """One piece of :func:`repair`: each condition's END logits on the prompts ``rows``, on the CPU."""
+    part = data if len(rows) == len(data) else data.subset(list(rows))
+    return [r.logits.cpu() for r in engine.run(model, part, edits, logits="end")]

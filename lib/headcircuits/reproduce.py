@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from headcircuits import execution
-from headcircuits.errors import ClusterError, NotebookError, ParameterError
+from headcircuits.errors import NotebookError, ParameterError
 
 #: the chapters whose claims the scorecard holds, in dependency order (01 introduces IOI with the measurement that
 #: 02 makes for every task; 07 is a task of our own, with no paper claim)
@@ -182,26 +181,8 @@ def cluster(spec: str) -> Iterator[str | None]:
     n = int(match.group(1) or 2)
     if n < 1:
         raise ParameterError(f"--cluster local:N needs at least one worker, not {n}")
-    with local_cluster(n) as address:
+    with spread.local_cluster(n) as address:
         yield address
-
-
-@contextlib.contextmanager
-def local_cluster(n_workers: int) -> Iterator[str]:
-    """A ``LocalCluster`` of ``n_workers`` single-threaded worker processes bound to 127.0.0.1, no dashboard, a
-    piece retried :data:`headcircuits.spread.RETRIES` times when its worker dies; yields its address."""
-    import logging
-
-    import dask
-    from distributed import LocalCluster
-
-    from headcircuits import spread
-
-    with dask.config.set({"distributed.scheduler.allowed-failures": spread.RETRIES,
-                          "distributed.worker.daemon": False}):  # a worker runs a chapter's notebook kernel
-        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR) as local:
-            yield local.scheduler_address
 
 
 def run(jobs: list[Job], out: Path, root: Path, address: str | None, *, log: Callable[[str], None] = print) -> dict:

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from headcircuits import engine
+from headcircuits import engine, spread
 from headcircuits.cache import on_disk
 from headcircuits.edits import Edit
 from headcircuits.engine import Read
@@ -133,8 +133,26 @@ def evaluate(
     """
     if logits is not None and edits:
         raise ValueError("pass either logits or edits, not both")
-    if logits is None:
-        logits = end_logits(model, data, edits)
+    if logits is None:  # prompts in pieces (a sweep: spread over a cluster when one is set)
+        parts = spread.sweep("evaluate", _evaluated, model, spread.ranges(len(data), PROMPTS_PER_PIECE), data=data,
+                             edits=list(edits))
+        return pd.concat(parts) if len(parts) > 1 else parts[0]
+    return _table(model, data, logits)
+
+
+PROMPTS_PER_PIECE = 500  # ours: prompts per piece of a sweep that runs the model on every prompt (the book's: one)
+
+
+def _evaluated(model: Model, rows: range, *, data: TaskData, edits: list[Edit]) -> pd.DataFrame:
+    """One piece of :func:`evaluate`: the table of the prompts ``rows`` (indexed as in ``data``)."""
+    part = data if len(rows) == len(data) else data.subset(list(rows))
+    table = _table(model, part, end_logits(model, part, edits))
+    if part is not data:
+        table.index = data.meta.index[rows.start:rows.stop]
+    return table
+
+
+def _table(model: Model, data: TaskData, logits: Float[Tensor, "batch vocab"]) -> pd.DataFrame:
     ld = logit_difference(logits, data.answer, data.distractor)
     top = logits.argmax(-1)
     cands = candidates_of(data)

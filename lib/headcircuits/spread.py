@@ -17,13 +17,14 @@ each finished piece is written there, keyed by everything it depends on (the fun
 shared arguments and the library's source: :func:`headcircuits.cache.fingerprint`), before it is reported done; a
 piece found there is not computed again, so a re-run, a crashed worker or a stopped run never recomputes a finished
 piece. A piece whose worker dies is retried on another worker by Dask (the scheduler's
-``distributed.scheduler.allowed-failures``, :data:`RETRIES` on a cluster that ``headcircuits reproduce`` starts);
+``distributed.scheduler.allowed-failures``, :data:`RETRIES` on a cluster that :func:`local_cluster` starts);
 after that, or when the piece itself raises, the sweep stops with :class:`~headcircuits.errors.SweepError` naming
 the piece and the cause, and every finished piece stays in the store.
 
-Pieces give the same numbers wherever they run (the same batches on the same kind of device: bit for bit). A
-sweep's pieces are part of its protocol: other pieces (e.g. prompts in batches of 100 instead of all at once) batch
-the floating-point sums differently (differences around 1e-7 on the book's models).
+Pieces give the same numbers wherever they run when they are batched the same way on the same kind of device with
+the same number of threads: bit for bit (tested). Dask starts its workers single-threaded (``OMP_NUM_THREADS=1``),
+and a process with more threads, or other pieces (prompts in batches of 100 instead of all at once), sums in
+another order: equal to float rounding (logit differences within about 1e-7 on the book's models), not bit for bit.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from headcircuits.progress import tqdm
 T = TypeVar("T")
 P = TypeVar("P")
 
-RETRIES = 3  # how often a piece may lose its worker before the run stops (a cluster that `reproduce` starts)
+RETRIES = 3  # how often a piece may lose its worker before the run stops (a cluster that local_cluster starts)
 CONNECT_SECONDS = 10  # an unreachable scheduler fails after this long, before any work starts
 LOG = "sweeps.jsonl"  # in the store: one line per sweep (pieces computed, found in the store, seconds)
 
@@ -142,6 +143,23 @@ def check_reachable(address: str, seconds: float = CONNECT_SECONDS) -> None:
     except OSError as exc:
         raise ClusterError(f"nothing answers at the Dask scheduler address {address} ({exc}). Start the scheduler "
                            "there (`dask scheduler`), or check the address and the firewall") from None
+
+
+@contextlib.contextmanager
+def local_cluster(n_workers: int) -> Iterator[str]:
+    """A ``LocalCluster`` of ``n_workers`` single-threaded worker processes, everything bound to 127.0.0.1 (its
+    HTTP endpoint on a free port there), a piece retried :data:`RETRIES` times when its worker dies; yields the
+    scheduler's address."""
+    import logging
+
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": RETRIES,
+                          "distributed.worker.daemon": False}):  # a worker runs a chapter's notebook kernel
+        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR) as local:
+            yield local.scheduler_address
 
 
 def sweep(
