@@ -112,6 +112,11 @@ def test_the_scorecard_as_data_as_a_page_and_as_the_books_column(tmp_path, monke
     assert data["claims"][1]["ours"]["m"]["estimate"] is None
     p = data["provenance"]
     assert len(p["commit"]) == 40 and len(p["lock_sha256"]) == 64 and p["scale"] == "paper"
+    assert scorecard.label(p).startswith("paper scale, ")
+    small = scorecard.provenance(ROOT, "paper", "none", 1.0, {}, {"n_prompts": 16})
+    assert scorecard.label(small).startswith("paper scale but n_prompts=16, ")  # a run made smaller says so
+    stopped = scorecard.provenance(ROOT, "paper", "none", 1.0, {"a": record}, of=5)
+    assert not stopped["complete"] and scorecard.label(stopped).endswith(", incomplete: 1 of 5 chapters")
     page = page_path.read_text()
     assert "http" not in page.replace('name="viewport"', "") and "<script" not in page
     assert "same direction, smaller" in page and "width=device-width" in page

@@ -321,15 +321,31 @@ def main(args) -> int:
         print(costs.dry_run(jobs, root, out / "calibration", log=lambda line: print(f"  {line}", flush=True)))
         return 0
     start, began = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S")
-    with cluster(args.cluster) as address:
-        print(f"reproduce: {len(jobs)} jobs ({args.scale} scale) on {address or 'this process'}; results in {out}",
-              flush=True)
-        records = run(jobs, out, root, address, log=lambda line: print(f"reproduce: {line}", flush=True))
-    seconds = time.perf_counter() - start
-    computed, stored = pieces_since(out, began)
-    print(f"reproduce: sweeps of this run: {computed} pieces computed, {stored} found in the store", flush=True)
-    executed = {j.name: _executed(out, j) for j in jobs}
-    json_path, page = scorecard.write(out, scorecard.collect(executed),
-                                      scorecard.provenance(root, args.scale, args.cluster, seconds, records))
-    print(f"reproduce: done in {seconds / 60:.1f} min; scorecard {json_path} and {page}")
+    try:
+        with cluster(args.cluster) as address:
+            print(f"reproduce: {len(jobs)} jobs ({args.scale} scale) on {address or 'this process'}; results in "
+                  f"{out}", flush=True)
+            run(jobs, out, root, address, log=lambda line: print(f"reproduce: {line}", flush=True))
+    finally:  # also after a failure or a stop: the scorecard of the chapters that finished, marked incomplete
+        seconds = time.perf_counter() - start
+        computed, stored = pieces_since(out, began)
+        print(f"reproduce: sweeps of this run: {computed} pieces computed, {stored} found in the store", flush=True)
+        done = [j for j in jobs if finished(out, j, root)]
+        if done:
+            records = {j.name: _record(out, j) for j in done}
+            json_path, page = scorecard.write(out, scorecard.collect({j.name: _executed(out, j) for j in done}),
+                                              scorecard.provenance(root, args.scale, args.cluster, seconds, records,
+                                                                   overrides, of=len(jobs)))
+            print(f"reproduce: {len(done)} of {len(jobs)} chapters in the scorecard {json_path} and {page} "
+                  f"({seconds / 60:.1f} min)", flush=True)
     return 0
+
+
+def finished(out: Path, job: Job, root: Path) -> bool:
+    """Whether ``job``'s executed chapter under ``out`` is the one this code, these parameters and these pinned
+    versions make (its record's key), i.e. it belongs in this run's scorecard."""
+    path = _executed(out, job).with_name(job.chapter + execution.RECORD)
+    if not path.is_file():
+        return False
+    key = execution.execution_key(root / "notebooks" / f"{job.chapter}.ipynb", job.parameters)
+    return json.loads(path.read_text()).get("key") == key

@@ -20,9 +20,12 @@ FILE = "scorecard.json"
 PAGE = "scorecard.html"
 
 
-def provenance(root: Path, scale: str, cluster: str, seconds: float, records: dict) -> dict:
+def provenance(root: Path, scale: str, cluster: str, seconds: float, records: dict,
+               overrides: dict | None = None, of: int | None = None) -> dict:
     """Where a run's numbers come from: the repository's commit (and whether it had uncommitted changes), the
-    sha256 of the pinned versions, the hardware of its chapters, when it ended, its wall time and scale."""
+    sha256 of the pinned versions, the hardware of its chapters, when it ended, its wall time, its scale, the
+    parameters given over the scale's (``-p``), and whether every one of its ``of`` chapters finished (``records``:
+    the finished ones)."""
     from headcircuits import execution
 
     try:
@@ -36,8 +39,9 @@ def provenance(root: Path, scale: str, cluster: str, seconds: float, records: di
     hardware = sorted({json.dumps(r["hardware"], sort_keys=True) for r in records.values()})
     return {"commit": commit, "uncommitted_changes": dirty, "lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest(),
             "hardware": [json.loads(h) for h in hardware], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "wall_seconds": round(seconds, 1), "scale": scale, "cluster": cluster,
-            "chapter_seconds": {name: round(r["seconds"], 1) for name, r in records.items()}}
+            "wall_seconds": round(seconds, 1), "scale": scale, "overrides": dict(overrides or {}), "cluster": cluster,
+            "chapter_seconds": {name: round(r["seconds"], 1) for name, r in records.items()},
+            "complete": of is None or len(records) == of, "chapters": f"{len(records)} of {of or len(records)}"}
 
 
 def collect(executed: dict[str, Path]) -> list[dict]:
@@ -75,10 +79,13 @@ def load(folder: Path) -> dict:
 
 
 def label(provenance: dict) -> str:
-    """A short label of a run: its scale, commit and date."""
+    """A short label of a run: its scale (and any parameter given over it), commit and date."""
     commit = (provenance.get("commit") or "unknown commit")[:12]
     dirty = " with uncommitted changes" if provenance.get("uncommitted_changes") else ""
-    return f"{provenance['scale']} scale, {commit}{dirty}, {provenance['date']}"
+    overrides = provenance.get("overrides") or {}
+    changed = " but " + ", ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()) if overrides else ""
+    partial = "" if provenance.get("complete", True) else f", incomplete: {provenance['chapters']} chapters"
+    return f"{provenance['scale']} scale{changed}, {commit}{dirty}, {provenance['date']}{partial}"
 
 
 def page(data: dict) -> str:
