@@ -130,7 +130,7 @@ def test_the_scorecard_as_data_as_a_page_and_as_the_books_column(tmp_path, monke
                      for c in ("03_ioi_circuit", "04_circuit_reuse", "06_laundry_list")})
     merged = scorecard.with_run(intro, executed, data)
     assert "{glue:} findings" not in merged and merged.count("```{raw} html") == 5
-    assert "at the papers&#x27; scale: ours (paper scale," in merged or "at the papers' scale: ours (paper scale," in merged
+    assert "ours at the papers&#x27; scale" in merged or "ours at the papers' scale" in merged
     assert "90% [80%, 95%]" in merged and "outcome" not in merged  # the hidden data column stays hidden
 
 
@@ -145,6 +145,13 @@ def test_the_cost_model_fits_two_slices_and_bounds_the_wall_time():
     assert cost.seconds == pytest.approx(50 + 1000 * 0.96) and cost.sweeps["path_patch"][1] == 10
     assert cost.sweeps["path_patch"][0] == pytest.approx(1000) and cost.rest == pytest.approx(10)
     assert cost.on(1) == pytest.approx(cost.seconds) and cost.on(10) == pytest.approx(10 + 100)
+    # sweeps over prompts gain pieces with them (85 Laundry List prompts at 1/50: 4,250, 9 pieces of 500); a
+    # traversal's pieces are grid points, as many at any number of prompts
+    assert costs._pieces("evaluate", [{"items": 85, "pieces": 1}], 0.02) == 9
+    assert costs._pieces("traversal", [{"items": 1000, "pieces": 4}], 0.02) == 4
+    # the rest and the sweeps add up even when the job's own time is noisier than its sweeps'
+    noisy = costs._fit(job, [(0.02, 30.0, pp(20)), (0.04, 31.0, pp(40))])
+    assert noisy.seconds == pytest.approx(noisy.rest + noisy.sweeps["path_patch"][0]) and noisy.rest == pytest.approx(10)
     after = costs.Cost("05@m", job.name, 500.0, {})
     wall, critical = costs.predict([cost, after], 64)
     assert critical == pytest.approx(110 + 500) and wall == critical  # the chain, not the work / 64

@@ -66,12 +66,15 @@ def sliced(parameters: dict, defaults: dict, divisor: int) -> dict:
 
 
 def _pieces(name: str, reports: list[dict], share: float) -> int:
-    """The pieces a sweep kind will have at the run's size: path patching's grow with the prompts (a piece per
-    :data:`headcircuits.path_patching.PROMPTS_PER_PIECE`), the others' do not (grid points, components)."""
-    from headcircuits.path_patching import PROMPTS_PER_PIECE
+    """The pieces a sweep kind will have at the run's size: a sweep over prompts (path patching, scoring, the
+    repair) has a piece per so many prompts, so its pieces grow with them; the others' do not (grid points,
+    components)."""
+    from headcircuits import path_patching, scoring
 
-    if name == "path_patch":
-        return sum(max(1, math.ceil(r["items"] / share / PROMPTS_PER_PIECE)) for r in reports)
+    per_piece = {"path_patch": path_patching.PROMPTS_PER_PIECE, "evaluate": scoring.PROMPTS_PER_PIECE,
+                 "repair": scoring.PROMPTS_PER_PIECE}
+    if name in per_piece:
+        return sum(max(1, math.ceil(r["items"] / share / per_piece[name])) for r in reports)
     return sum(r["pieces"] for r in reports)
 
 
@@ -130,11 +133,12 @@ def _fit(job, points) -> Cost:
         slope = max(0.0, (y2 - y1) / (s2 - s1))  # time never falls as prompts grow (noise can say so)
         return max(y1, y2) + slope * (1.0 - max(s1, s2))
 
-    sweeps = {}
-    for name in sorted(set(w1) | set(w2)):
-        secs = [sum(r["seconds"] for r in w.get(name, [])) for w in (w1, w2)]
-        sweeps[name] = (at_one(*secs), _pieces(name, w2.get(name, []), s2))
-    return Cost(job.name, job.after, at_one(t1, t2), sweeps)
+    names = sorted(set(w1) | set(w2))
+    secs = {name: [sum(r["seconds"] for r in w.get(name, [])) for w in (w1, w2)] for name in names}
+    # the rest (the job's time outside its sweeps) and each sweep kind are fitted apart, so that they add up
+    rests = [max(0.0, t - sum(secs[name][k] for name in names)) for k, t in enumerate((t1, t2))]
+    sweeps = {name: (at_one(*secs[name]), _pieces(name, w2.get(name, []), s2)) for name in names}
+    return Cost(job.name, job.after, at_one(*rests) + sum(s for s, _ in sweeps.values()), sweeps)
 
 
 def predict(costs: list[Cost], workers: int) -> tuple[float, float]:

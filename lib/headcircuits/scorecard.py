@@ -140,11 +140,11 @@ GLUE = re.compile(r"```\{glue:\} findings\n:doc: notebooks/(?P<chapter>[\w.-]+)\
 def with_run(intro: str, executed: dict[str, Path], data: dict) -> str:
     """The book's scorecard page with a run's column: every chapter's table (pasted by glue) replaced by the same
     rows read from the executed chapter plus the run's *ours* and *verdict* for the same claim and model ("not
-    run" where the run has none), labelled with the run's provenance (:func:`label`)."""
+    run" where the run has none); the book names the run's provenance above the tables (:func:`label`)."""
     import pandas as pd
 
     theirs = {(c["chapter"], c["claim"], m): o for c in data["claims"] for m, o in c["ours"].items()}
-    head = f"at the papers' scale: ours ({label(data['provenance'])})"
+    head = "ours at the papers' scale"  # the run's provenance is named in the sentence above the tables
 
     def table(match: re.Match) -> str:
         chapter = match["chapter"]
