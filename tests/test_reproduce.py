@@ -137,7 +137,7 @@ def test_the_scorecard_as_data_as_a_page_and_as_the_books_column(tmp_path, monke
 def test_the_cost_model_fits_two_slices_and_bounds_the_wall_time():
     job = reproduce.Job("03_ioi_circuit", "m", {"n_prompts": 1000, "model_names": ["m"]})
     defaults = {"n_prompts": "32", "n_eval": "64", "fraction": "0.02"}
-    assert costs.sliced(job.parameters, defaults, 50) == {"n_prompts": 20, "n_eval": 4, "model_names": ["m"]}
+    assert costs.sliced(job.parameters, defaults, 50) == {"n_prompts": 20, "n_eval": 8, "model_names": ["m"]}
     assert costs.sliced(job.parameters, defaults, 25)["n_prompts"] == 40
     # 20 and 40 prompts of 1000: 30 s and 50 s in all, 20 s and 40 s of path patching in 1 piece a call
     pp = lambda s: {"path_patch": [{"name": "path_patch", "pieces": 1, "items": s, "seconds": s}]}  # noqa: E731

@@ -29,7 +29,7 @@ from pathlib import Path
 from headcircuits import execution
 
 SLICES = (50, 25)  # calibration: the run's prompt counts divided by these
-LEAST = 4  # the fewest prompts a calibration slice gives a parameter
+LEAST = 8  # the fewest prompts a calibration slice gives a parameter (chapter 03 compares the two path patchings on 8)
 WORKERS = (1, 4, 16, 64)
 #: parameters that count prompts (or prompts per list length)
 PROMPTS = ("n_prompts", "n_eval", "n_paper", "n_inhibition", "n_duplicate", "n_per_length", "n_traverse", "n_fix")
