@@ -228,5 +228,5 @@ def repair(
 
 def _end_logits(model: Model, rows: range, *, data: TaskData, edits: list[list]) -> list[Tensor]:
     """One piece of :func:`repair`: each condition's END logits on the prompts ``rows``, on the CPU."""
-    part = data if len(rows) == len(data) else data.subset(list(rows))
+    part = spread.rows_of(data, rows)
     return [r.logits.cpu() for r in engine.run(model, part, edits, logits="end")]

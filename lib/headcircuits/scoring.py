@@ -145,7 +145,7 @@ PROMPTS_PER_PIECE = 500  # ours: prompts per piece of a sweep that runs the mode
 
 def _evaluated(model: Model, rows: range, *, data: TaskData, edits: list[Edit]) -> pd.DataFrame:
     """One piece of :func:`evaluate`: the table of the prompts ``rows`` (indexed as in ``data``)."""
-    part = data if len(rows) == len(data) else data.subset(list(rows))
+    part = spread.rows_of(data, rows)
     table = _table(model, part, end_logits(model, part, edits))
     if part is not data:
         table.index = data.meta.index[rows.start:rows.stop]

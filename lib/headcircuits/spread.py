@@ -45,6 +45,7 @@ from headcircuits import cache
 from headcircuits.errors import ClusterError, SweepError
 from headcircuits.models.core import Model
 from headcircuits.progress import tqdm
+from headcircuits.tasks.base import TaskData
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -294,6 +295,12 @@ def _identity(value: Any) -> Any:
 def _short(piece: Any) -> str:
     text = repr(piece)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def rows_of(data: TaskData, rows: range) -> TaskData:
+    """The prompts of one piece: ``data`` itself when the piece is every prompt (so that the engine's kept passes
+    of ``data`` serve it), else :meth:`TaskData.subset`."""
+    return data if len(rows) == len(data) else data.subset(list(rows))
 
 
 def ranges(n: int, size: int) -> list[range]:

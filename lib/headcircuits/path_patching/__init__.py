@@ -113,7 +113,7 @@ def _patched(
 ) -> tuple[dict[Head, Tensor], Tensor, Tensor]:
     """One piece of :func:`path_patch`: the patched logit differences of every sender on the prompts ``rows``,
     with their clean and counterfactual ones (all on the CPU)."""
-    part = data if len(rows) == len(data) else data.subset(list(rows))
+    part = spread.rows_of(data, rows)
     run = path_patch_fast_ld if method == "fast" else path_patch_ld
     lds, b = run(model, part, receivers, senders, freeze_mlps=freeze_mlps, sender_position=sender_position,
                  base=base, progress=bar)
