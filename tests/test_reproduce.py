@@ -195,3 +195,47 @@ def test_the_command_line_on_a_real_dask_scheduler_and_worker(tmp_path):
             proc.terminate()
             proc.wait(timeout=30)
         shutil.rmtree(tmp_path / "results", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_keeps_what_finished_and_leaves_no_process(tmp_path):
+    """SIGTERM (``kill``, a batch system's time limit) while the second chapter runs on a local cluster: the
+    command exits (10 s here, at most 2 min) with 128 + 15, says how to go on, writes the scorecard of the chapter that
+    finished (marked incomplete), and leaves none of its processes (cluster workers, notebook kernels) behind."""
+    psutil = pytest.importorskip("psutil")
+    command = [str(Path(sys.executable).with_name("headcircuits")), "reproduce", "--models", "smollm2-135m",
+               "--chapters", "02,03", "-p", "n_prompts=8", "-p", "n_eval=8", "-p", "list_lengths=[3]",
+               "--out", str(tmp_path), "--cluster", "local:1", "--root", str(ROOT)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:  # one worker: 02, then 03
+            lines.append(line)
+            if "03_ioi_circuit@smollm2-135m: started" in line:
+                break
+        assert any("02_tasks_and_baselines@smollm2-135m: executed in" in line for line in lines), "".join(lines)
+        for _ in range(120):  # 03's kernel up on the worker
+            kernels = [p for p in psutil.Process(proc.pid).children(recursive=True) if "ipykernel" in " ".join(
+                p.cmdline())]
+            if kernels:
+                break
+            time.sleep(0.5)
+        assert kernels, "03's notebook kernel never started"
+        family = psutil.Process(proc.pid).children(recursive=True)
+        began = time.perf_counter()
+        proc.terminate()
+        rest, _ = proc.communicate(timeout=120)
+        stopped_in = time.perf_counter() - began
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines) + rest
+    assert proc.returncode == 128 + 15, output
+    assert stopped_in < 120, f"{stopped_in:.0f} s to stop"  # 10 s here: the cluster shutting its worker down
+    assert "stopped by SIGTERM" in output and "run the same command again" in output
+    assert "1 of 2 chapters in the scorecard" in output
+    data = json.loads((tmp_path / "scorecard.json").read_text())
+    assert data["provenance"]["complete"] is False and data["provenance"]["chapters"] == "1 of 2"
+    assert {c["chapter"] for c in data["claims"]} == {"02_tasks_and_baselines"}
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [" ".join(p.cmdline()) for p in alive]

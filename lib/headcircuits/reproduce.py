@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,10 +323,16 @@ def main(args) -> int:
         return 0
     start, began = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S")
     try:
-        with cluster(args.cluster) as address:
+        with stop_on_signals(), cluster(args.cluster) as address:
             print(f"reproduce: {len(jobs)} jobs ({args.scale} scale) on {address or 'this process'}; results in "
                   f"{out}", flush=True)
             run(jobs, out, root, address, log=lambda line: print(f"reproduce: {line}", flush=True))
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the finally below has written what finished
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        print(f"reproduce: stopped by {signal.Signals(signum).name} after {(time.perf_counter() - start) / 60:.1f} "
+              f"min; every finished chapter and piece is kept under {out}: run the same command again to go on "
+              "from there", flush=True)
+        return 128 + signum
     finally:  # also after a failure or a stop: the scorecard of the chapters that finished, marked incomplete
         seconds = time.perf_counter() - start
         computed, stored = pieces_since(out, began)
@@ -339,6 +346,32 @@ def main(args) -> int:
             print(f"reproduce: {len(done)} of {len(jobs)} chapters in the scorecard {json_path} and {page} "
                   f"({seconds / 60:.1f} min)", flush=True)
     return 0
+
+
+class Stopped(KeyboardInterrupt):
+    """The run was told to stop by a signal (SIGTERM: ``kill``, a batch system's time limit). A
+    ``KeyboardInterrupt``, like Ctrl-C, so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While inside: SIGTERM raises :class:`Stopped` in the main thread, as Ctrl-C raises ``KeyboardInterrupt``, so
+    that a stopped run goes through its ``finally`` (the scorecard of the chapters that finished, the cluster shut
+    down). SIGINT keeps Python's own handler; where it is ignored (a background job of a non-interactive shell),
+    it stays ignored, as the shell meant."""
+
+    def stop(signum: int, frame) -> None:
+        raise Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def finished(out: Path, job: Job, root: Path) -> bool:
