@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import json
 import os
 import socket
@@ -243,11 +244,34 @@ def _on_worker(recipe: tuple, weights_id: str, function: Callable, piece: Any, s
     os.environ["TQDM_DISABLE"] = "1"  # a worker's bars would interleave in the log of whoever started it
     model = _models.get(recipe)
     if model is None:
+        reuse_freed_memory()
         model = _models[recipe] = reload(recipe)
     if model.weights_id != weights_id:
         raise SweepError(f"this worker's copy of {model.name} is not the one the sweep runs on ({model.weights_id} "
                          f"here, {weights_id} there): give every worker the same model files")
     return _compute(function, model, piece, shared, store, name, digest)
+
+
+#: glibc's ``mallopt`` parameters (``malloc.h``) and what a worker sets them to: up to 32 MiB (glibc's largest
+#: mmap threshold) allocated from the heap, up to 256 MiB of freed heap kept for the next piece
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+WORKER_MALLOC = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 256 * 2**20}
+
+
+def reuse_freed_memory() -> bool:
+    """Undo, in a worker process, the allocator setting that Dask's nanny gives it: ``MALLOC_TRIM_THRESHOLD_=65536``
+    (``distributed.nanny.pre-spawn-environ``) also turns off glibc's growing mmap threshold, so every tensor over
+    128 KiB is mapped from the kernel and zeroed again at each allocation. Measured on SmolLM2 (3 forward passes of
+    16 IOI prompts, one thread): 18x the page faults (200,576 against 11,380) and 1.63 s of CPU against 1.14 s
+    without the setting; with :data:`WORKER_MALLOC`, 9,649 faults and 1.26 s. Returns whether it applied (only in a
+    process started with that variable, on glibc)."""
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its allocator does not read the variable either
+        return False
+    return all(libc.mallopt(option, value) == 1 for option, value in WORKER_MALLOC.items())
 
 
 def _on_cluster(where: Settings, name, function, model: Model, pieces, shared, digests, todo, results, bar) -> None:
