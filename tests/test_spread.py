@@ -112,6 +112,9 @@ def test_a_worker_killed_mid_sweep_loses_nothing_and_a_second_run_computes_nothi
         assert spread.history[-1].computed == 8
         with spread.use(address, tmp_path):
             again = spread.sweep("squares", _square, model, list(range(8)), delay=0.5)
+        ours = spread.client(address)
+    # the cluster closed its client with it (left open, the client logs an error when it cannot reconnect)
+    assert ours.status == "closed" and address not in spread._clients
     assert all(torch.equal(a, b) for a, b in zip(serial, got)) and all(torch.equal(a, b) for a, b in zip(got, again))
     assert (spread.history[-1].computed, spread.history[-1].stored) == (0, 8)
     assert len(list((tmp_path / "squares").glob("*.pt"))) == 8

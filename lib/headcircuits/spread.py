@@ -161,7 +161,12 @@ def local_cluster(n_workers: int) -> Iterator[str]:
                           "distributed.worker.daemon": False}):  # a worker runs a chapter's notebook kernel
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR) as local:
-            yield local.scheduler_address
+            try:
+                yield local.scheduler_address
+            finally:  # our client first: left open, it would log an error trying to reach the closed scheduler
+                made = _clients.pop(local.scheduler_address, None)
+                if made is not None:
+                    made.close()
 
 
 def sweep(
