@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import psutil  # a dependency of distributed, in the lock
 import pytest
 
 from headcircuits import cli, costs, execution, report, reproduce, scorecard, stats
@@ -151,7 +152,8 @@ def test_the_cost_model_fits_two_slices_and_bounds_the_wall_time():
     assert costs._pieces("traversal", [{"items": 1000, "pieces": 4}], 0.02) == 4
     # the rest and the sweeps add up even when the job's own time is noisier than its sweeps'
     noisy = costs._fit(job, [(0.02, 30.0, pp(20)), (0.04, 31.0, pp(40))])
-    assert noisy.seconds == pytest.approx(noisy.rest + noisy.sweeps["path_patch"][0]) and noisy.rest == pytest.approx(10)
+    assert noisy.seconds == pytest.approx(noisy.rest + noisy.sweeps["path_patch"][0])
+    assert noisy.rest == pytest.approx(10)
     after = costs.Cost("05@m", job.name, 500.0, {})
     wall, critical = costs.predict([cost, after], 64)
     assert critical == pytest.approx(110 + 500) and wall == critical  # the chain, not the work / 64
@@ -202,7 +204,6 @@ def test_a_run_stopped_by_sigterm_keeps_what_finished_and_leaves_no_process(tmp_
     """SIGTERM (``kill``, a batch system's time limit) while the second chapter runs on a local cluster: the
     command exits (10 s here, at most 2 min) with 128 + 15, says how to go on, writes the scorecard of the chapter that
     finished (marked incomplete), and leaves none of its processes (cluster workers, notebook kernels) behind."""
-    psutil = pytest.importorskip("psutil")
     command = [str(Path(sys.executable).with_name("headcircuits")), "reproduce", "--models", "smollm2-135m",
                "--chapters", "02,03", "-p", "n_prompts=8", "-p", "n_eval=8", "-p", "list_lengths=[3]",
                "--out", str(tmp_path), "--cluster", "local:1", "--root", str(ROOT)]
