@@ -202,3 +202,26 @@ def test_a_worker_reuses_freed_memory_despite_the_nannys_malloc_setting(cluster,
         results = spread.sweep("faults", _faults, model, [0, 1, 2, 3])
     assert all(setting == "65536" for _, setting in results)  # the nanny did set it on these workers
     assert all(faults < 1000 for faults, _ in results), results
+
+
+def test_a_chapters_kernel_started_by_a_worker_gets_the_workers_allocator_setting(monkeypatch, tmp_path):
+    """A job on a worker starts the chapter's notebook kernel; the kernel does model work of its own, so it must
+    not inherit the nanny's setting. A fresh process faults ~2,350 times on the loop (torch's first tensor included);
+    with the inherited setting ~25,700; with the environment reproduce._job gives the kernel, no more than unset."""
+    from headcircuits import execution, reproduce
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # as on a worker that Dask's nanny started
+    given = {}
+    monkeypatch.setattr(execution, "execute", lambda src, dst, parameters, env, **_: given.update(env))
+    reproduce._job("src.ipynb", str(tmp_path / "dst.ipynb"), {}, {"HEADCIRCUITS_RESULTS": "r"}, str(tmp_path / "log"))
+    assert given["HEADCIRCUITS_RESULTS"] == "r"  # the job's own variables kept
+
+    def faults(env):
+        run = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, check=True, env=env)
+        return int(run.stdout)
+
+    unset = faults({k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"})  # ~2,350: torch's start
+    assert faults(dict(os.environ)) > 10 * unset  # inherited: ~25,700
+    assert faults({**os.environ, **given}) <= 1.2 * unset  # given: ~2,100
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    assert spread.allocator_env() == {}  # a process the nanny did not start passes nothing on

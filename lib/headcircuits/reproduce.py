@@ -271,13 +271,17 @@ def _summary(out: Path, job: Job) -> str:
 def _job(src: str, dst: str, parameters: dict, env: dict, output: str) -> str:
     """One chapter on one model (a Dask task, or called here): the notebook executed by
     :func:`headcircuits.execution.execute` (or reused). On a worker the task leaves the worker's thread while the
-    notebook runs, so that the worker can run the pieces the notebook spreads."""
+    notebook runs, so that the worker can run the pieces the notebook spreads. The kernel gets the worker's
+    allocator setting (:func:`headcircuits.spread.allocator_env`), not the nanny's."""
+    from headcircuits import spread
+
     try:
         from distributed import secede
 
         secede()
     except ValueError:  # not on a worker
         pass
+    env = {**spread.allocator_env(), **env}  # the kernel's own model work, as fast as the worker's pieces
     execution.execute(Path(src), Path(dst), parameters, env, log=lambda _: None, output=Path(output))
     return dst
 

@@ -279,6 +279,17 @@ def reuse_freed_memory() -> bool:
     return all(libc.mallopt(option, value) == 1 for option, value in WORKER_MALLOC.items())
 
 
+def allocator_env() -> dict[str, str]:
+    """The environment that gives a process started from this one :data:`WORKER_MALLOC` from its start: a chapter's
+    notebook kernel, started by a job on a worker, would otherwise inherit the nanny's ``MALLOC_TRIM_THRESHOLD_``
+    (see :func:`reuse_freed_memory`) for the model work it does itself. Empty where this process lacks that
+    variable."""
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        return {}
+    return {"MALLOC_MMAP_THRESHOLD_": str(WORKER_MALLOC[_M_MMAP_THRESHOLD]),
+            "MALLOC_TRIM_THRESHOLD_": str(WORKER_MALLOC[_M_TRIM_THRESHOLD])}
+
+
 def _on_cluster(where: Settings, name, function, model: Model, pieces, shared, digests, todo, results, bar) -> None:
     if not model.recipe:
         raise SweepError(f"{name}: the model {model.name} was not made by models.load_model, so a worker cannot "
