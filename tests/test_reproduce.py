@@ -118,6 +118,10 @@ def test_the_scorecard_as_data_as_a_page_and_as_the_books_column(tmp_path, monke
     assert scorecard.label(small).startswith("paper scale but n_prompts=16, ")  # a run made smaller says so
     stopped = scorecard.provenance(ROOT, "paper", "none", 1.0, {"a": record}, of=5)
     assert not stopped["complete"] and scorecard.label(stopped).endswith(", incomplete: 1 of 5 chapters")
+    assert scorecard.duration(p) == "1.0 h" and p["reused"] == []
+    again = scorecard.provenance(ROOT, "paper", "none", 360.0, {"a": record, "b": {**record, "reused": True}})
+    assert scorecard.duration(again) == ("0.1 h in its last invocation, which reused 1 of its chapters from earlier "
+                                         "ones (b)")
     page = page_path.read_text()
     assert "http" not in page.replace('name="viewport"', "") and "<script" not in page
     assert "same direction, smaller" in page and "width=device-width" in page

@@ -200,7 +200,7 @@ def stage_sources(root: Path, executed: Iterable[Path], stage: Path, which: str 
 
         text = scorecard.with_run(intro.read_text(), {nb.stem: nb for nb in executed}, run)
         note = (f"The last two columns come from a run of `headcircuits reproduce` ({scorecard.label(run['provenance'])}; "
-                f"{run['provenance']['wall_seconds'] / 3600:.1f} h): the same chapters and verdict rule at the "
+                f"{scorecard.duration(run['provenance'])}): the same chapters and verdict rule at the "
                 "sizes of {ref}`Running it yourself <at-the-papers-scale>`.")
         intro.write_text(text.replace("\n## Scorecard\n", f"\n## Scorecard\n\n{note}\n", 1))
     if which == "instructor":

@@ -41,6 +41,7 @@ def provenance(root: Path, scale: str, cluster: str, seconds: float, records: di
             "hardware": [json.loads(h) for h in hardware], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "wall_seconds": round(seconds, 1), "scale": scale, "overrides": dict(overrides or {}), "cluster": cluster,
             "chapter_seconds": {name: round(r["seconds"], 1) for name, r in records.items()},
+            "reused": sorted(name for name, r in records.items() if r.get("reused")),
             "complete": of is None or len(records) == of, "chapters": f"{len(records)} of {of or len(records)}"}
 
 
@@ -88,6 +89,18 @@ def label(provenance: dict) -> str:
     return f"{provenance['scale']} scale{changed}, {commit}{dirty}, {provenance['date']}{partial}"
 
 
+def duration(provenance: dict) -> str:
+    """The run's wall time, and, where it went on from an earlier one (a stopped run run again), that this is the
+    last invocation's time and which chapters it took, unchanged, from before (their own seconds:
+    ``chapter_seconds``)."""
+    hours = f"{provenance['wall_seconds'] / 3600:.1f} h"
+    reused = provenance.get("reused") or []
+    if not reused:
+        return hours
+    return (f"{hours} in its last invocation, which reused {len(reused)} of its chapters from earlier ones "
+            f"({', '.join(reused)})")
+
+
 def page(data: dict) -> str:
     """The scorecard as one static HTML page (no script, no remote resource; columns wrap on a phone)."""
     p = data["provenance"]
@@ -123,7 +136,7 @@ td.v {{ min-width: 8rem; }}
 }}
 </style></head><body>
 <h1>headcircuits scorecard</h1>
-<p>{esc(label(p))}. Wall time {p['wall_seconds'] / 3600:.2f} h; cluster: {esc(p['cluster'])}; {esc(hardware)};
+<p>{esc(label(p))}. Wall time {esc(duration(p))}; cluster: {esc(p['cluster'])}; {esc(hardware)};
 pinned versions sha256 {esc(p['lock_sha256'][:16])}. Verdicts follow the book's one rule (page <em>Reading the
 verdicts</em>); every number comes from the executed chapters in <code>notebooks/</code> beside this page.</p>
 <table><thead><tr><th>chapter</th><th>claim</th><th>model</th><th>paper</th><th>ours</th><th>verdict</th></tr></thead>
